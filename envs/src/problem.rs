@@ -1,0 +1,138 @@
+//! Core records shared by every crate: what a question is, what a reasoning
+//! step is, and what an attempt at a question produced.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One answer option, e.g. `B. Ceftriaxone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Choice {
+    pub letter: String,
+    pub text: String,
+}
+
+/// The gold answer: an option letter for multiple choice, or free text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gold {
+    Option(String),
+    Text(String),
+}
+
+/// A question to be answered, from any source (SynthClinic or a loader).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    pub id: String,
+    /// The stem, without the options.
+    pub question: String,
+    /// Ordered options; empty for free-text questions.
+    #[serde(default)]
+    pub options: Vec<Choice>,
+    pub gold: Gold,
+    /// Task type: `diagnosis` / `next_test` / `treatment` for SynthClinic,
+    /// the release's `eval.type` (e.g. `step1`, `Physiology`) for real data.
+    #[serde(default)]
+    pub task: String,
+    /// Where it came from (`synthclinic`, `MedQA.json`, ...).
+    #[serde(default)]
+    pub source: String,
+    /// Anything else the source carries (SynthClinic: the hidden case).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+impl Problem {
+    /// The question as a model sees it: stem, then one `LETTER. text` line per option.
+    pub fn prompt_text(&self) -> String {
+        let mut s = self.question.clone();
+        for c in &self.options {
+            s.push('\n');
+            s.push_str(&c.letter);
+            s.push_str(". ");
+            s.push_str(&c.text);
+        }
+        s
+    }
+
+    pub fn option(&self, letter: &str) -> Option<&Choice> {
+        self.options.iter().find(|c| c.letter == letter)
+    }
+
+    /// The gold answer's text: the option's text for a letter, else the text.
+    pub fn gold_text(&self) -> Option<&str> {
+        match &self.gold {
+            Gold::Option(l) => self.option(l).map(|c| c.text.as_str()),
+            Gold::Text(t) => Some(t),
+        }
+    }
+}
+
+/// MedS3's step actions. A step containing "The answer is" finishes a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    Reason,
+    Finish,
+    Reflect,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub text: String,
+    pub kind: StepKind,
+}
+
+impl Step {
+    /// Classifies by MedS3's rule: "The answer is" makes a Finish step.
+    pub fn new(text: impl Into<String>) -> Self {
+        let text = text.into();
+        let kind = if text.starts_with("But wait") {
+            StepKind::Reflect
+        } else if crate::verify::extract_answer(&text).is_some() {
+            StepKind::Finish
+        } else {
+            StepKind::Reason
+        };
+        Step { text, kind }
+    }
+}
+
+/// Renders steps in MedS3's format: "Step k: ..." joined by blank lines.
+pub fn render_chain(steps: &[Step]) -> String {
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("Step {}: {}", i + 1, s.text))
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// Who made a trajectory and how.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Provenance {
+    /// `actor-3`, `teacher:oracle`, `mcts`, ...
+    pub producer: String,
+    /// Pipeline stage that produced it.
+    #[serde(default)]
+    pub stage: String,
+    /// Whether the producer saw the gold answer (REFERENCE 3: say so).
+    #[serde(default)]
+    pub saw_gold: bool,
+}
+
+/// One attempt at a problem, as it flows from actors to the learner and to disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trajectory {
+    /// Unique within a stage; used to drop duplicates on resume.
+    pub id: String,
+    pub problem_id: String,
+    pub steps: Vec<Step>,
+    /// The answer extracted from the last step, if any.
+    pub answer: Option<String>,
+    pub reward: f32,
+    /// Per-step values (MCTS values, PRM scores); empty when not computed.
+    #[serde(default)]
+    pub values: Vec<f32>,
+    pub policy_version: u64,
+    pub provenance: Provenance,
+}

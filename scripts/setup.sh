@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what medzero needs outside the repo, once per user:
+#   - a Python venv with PyTorch 2.13.0 from PyPI (its `torch` folder is the
+#     libtorch that tch 0.26 links against) and the peers the tests compare
+#     with (transformers, trl, tensorboard);
+# The place is $MEDZERO_CACHE (default ~/.cache/medzero). Idempotent: a stamp
+# file records what was installed, so later runs return at once.
+set -euo pipefail
+CACHE="${MEDZERO_CACHE:-$HOME/.cache/medzero}"
+VENV="$CACHE/py"
+STAMP="$VENV/.medzero-setup-v1"
+PKGS=(torch==2.13.0 transformers==5.23.0 trl==1.16.0 tensorboard numpy safetensors)
+
+if [ -f "$STAMP" ]; then
+  exit 0
+fi
+start=$(date +%s)
+echo "medzero setup: installing PyTorch 2.13.0 and test peers into $VENV (one time, several GB)" >&2
+PY="${PYTHON:-python3}"
+command -v "$PY" >/dev/null || { echo "medzero setup: python3 not found; install Python >= 3.10 with venv and pip" >&2; exit 1; }
+mkdir -p "$CACHE"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip
+"$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off "${PKGS[@]}"
+"$VENV/bin/python" - <<'PY'
+import torch, os
+lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+assert os.path.exists(os.path.join(lib, "libtorch_cpu.so")), lib
+print("torch", torch.__version__, "ok")
+PY
+printf '%s\n' "${PKGS[@]}" > "$STAMP"
+echo "medzero setup: done in $(( $(date +%s) - start ))s" >&2

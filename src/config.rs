@@ -1,0 +1,316 @@
+//! Experiment configs: serde data with defaults and validation. A config is
+//! TOML (a file, or the embedded quickstart), then `--set key.path=value`
+//! overrides; an unknown key is an error that names the nearest valid key.
+
+use anyhow::{Context, Result, anyhow, bail};
+use medzero_envs::synthclinic::{OracleConfig, SynthConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The default experiment of `medzero run` and `make run`.
+pub const QUICKSTART: &str = include_str!("../experiments/quickstart.toml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub teacher: TeacherConfig,
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Folder under `out_dir`; re-running an existing name resumes it.
+    pub name: String,
+    pub seed: u64,
+    pub out_dir: PathBuf,
+    /// Fixed order and one actor, so the same seed gives the same results.
+    pub deterministic: bool,
+    /// libtorch intra-op threads (0 = all cores).
+    pub threads: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: "quickstart".into(),
+            seed: 0,
+            out_dir: "runs".into(),
+            deterministic: true,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// The SynthClinic world the run trains and tests on.
+    pub synthclinic: SynthConfig,
+    /// Real benchmark files (any format `medzero data inspect` knows) that
+    /// evaluation stages also score, e.g. `../shared/data/meds3-eval/MedQA.json`.
+    pub eval_files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherKind {
+    /// SynthClinic's oracle: knows the KB, wrong on `oracle.noise` of items.
+    Oracle,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherConfig {
+    pub kind: TeacherKind,
+    pub oracle: OracleConfig,
+}
+
+impl Default for TeacherConfig {
+    fn default() -> Self {
+        TeacherConfig {
+            kind: TeacherKind::Oracle,
+            oracle: OracleConfig::default(),
+        }
+    }
+}
+
+/// One step of the pipeline; its folder is `stages/<k>-<name>/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Stage {
+    /// Reference points every method must beat or match: chance-level
+    /// heuristics, the teacher, and the oracle's gold chains.
+    Baselines(BaselinesStage),
+}
+
+impl Stage {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stage::Baselines(_) => "baselines",
+        }
+    }
+    pub fn name(&self) -> &str {
+        match self {
+            Stage::Baselines(s) => s.name.as_deref().unwrap_or("baselines"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BaselinesStage {
+    pub name: Option<String>,
+}
+
+impl Config {
+    /// Parses TOML text, applies `key.path=value` overrides, deserialises and
+    /// validates. `origin` names the text in errors.
+    pub fn load(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+        let mut value: toml::Value =
+            toml::from_str(text).with_context(|| format!("{origin}: not valid TOML"))?;
+        for o in overrides {
+            apply_override(&mut value, o).with_context(|| format!("--set {o}"))?;
+        }
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            // toml appends "in `table`" on a second line; the path says it already.
+            let inner = e.inner().to_string();
+            let msg = explain(inner.lines().next().unwrap_or_default());
+            anyhow!("{origin}: at `{path}`: {msg}")
+        })?;
+        cfg.validate()
+            .with_context(|| format!("{origin}: invalid config"))?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        Config::load(&text, &path.display().to_string(), overrides)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.run.name.is_empty()
+            || self.run.name.contains(['/', '\\'])
+            || self.run.name.starts_with('.')
+        {
+            bail!(
+                "run.name must be a plain folder name, got {:?}",
+                self.run.name
+            );
+        }
+        self.data.synthclinic.validate()?;
+        let o = &self.teacher.oracle;
+        for (name, v) in [
+            ("noise", o.noise),
+            ("screen_recall", o.screen_recall),
+            ("screen_false_alarm", o.screen_false_alarm),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("teacher.oracle.{name} must be in [0, 1], got {v}");
+            }
+        }
+        for f in &self.data.eval_files {
+            if !f.exists() {
+                bail!("data.eval_files: {} does not exist", f.display());
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for s in &self.stages {
+            if !names.insert(s.name()) {
+                bail!(
+                    "two stages are named {:?}; give one a distinct `name`",
+                    s.name()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The fully resolved config, as written into the run folder.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises to TOML")
+    }
+}
+
+/// `a.b.c=value`: the value is parsed as TOML (number, bool, array, quoted
+/// string), else taken as a bare string. A numeric segment indexes an array.
+fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<()> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("expected key.path=value"))?;
+    let new: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        bail!("empty key in {path:?}");
+    }
+    let mut cur = root;
+    for (i, key) in keys.iter().enumerate() {
+        let last = i + 1 == keys.len();
+        cur = match cur {
+            toml::Value::Table(t) => {
+                if last {
+                    t.insert(key.to_string(), new);
+                    return Ok(());
+                }
+                t.entry(key.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            }
+            toml::Value::Array(a) => {
+                let idx: usize = key
+                    .parse()
+                    .map_err(|_| anyhow!("`{key}` indexes an array; use a number"))?;
+                let len = a.len();
+                let slot = a
+                    .get_mut(idx)
+                    .ok_or_else(|| anyhow!("index {idx} out of range (array has {len})"))?;
+                if last {
+                    *slot = new;
+                    return Ok(());
+                }
+                slot
+            }
+            _ => bail!("`{}` is not a table", keys[..i].join(".")),
+        };
+    }
+    unreachable!("the loop returns at the last key")
+}
+
+/// Adds "did you mean" to serde's unknown-field and unknown-variant messages.
+fn explain(msg: &str) -> String {
+    let unknown = ["unknown field `", "unknown variant `"]
+        .iter()
+        .find_map(|p| {
+            msg.split_once(p)
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(name, _)| name)
+        });
+    let Some(unknown) = unknown else {
+        return msg.to_string();
+    };
+    let Some((_, expected)) = msg.split_once("expected") else {
+        return msg.to_string();
+    };
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let best = candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(unknown, c), *c))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((score, c)) if score > 0.7 => format!("{msg}; did you mean `{c}`?"),
+        _ => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quickstart_parses_and_validates() {
+        let c = Config::load(QUICKSTART, "quickstart", &[]).unwrap();
+        assert!(!c.stages.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_nearest() {
+        let err = Config::load("[run]\nsed = 3\n", "t.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at `run.sed`: unknown field `sed`"), "{err}");
+        assert!(err.contains("did you mean `seed`?"), "{err}");
+        let err = Config::load("", "t.toml", &["data.synthclinic.hopz=2".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `hops`?"), "{err}");
+        let err = Config::load("[[stages]]\nkind = \"baseline\"\n", "t.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `baselines`?"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply_with_types() {
+        let c = Config::load(
+            QUICKSTART,
+            "q",
+            &[
+                "run.seed=7".into(),
+                "run.name=exp7".into(),
+                "data.synthclinic.typical_shown=0.25".into(),
+                "stages.0.name=b".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.run.seed, 7);
+        assert_eq!(c.run.name, "exp7");
+        assert_eq!(c.data.synthclinic.typical_shown, 0.25);
+        assert_eq!(c.stages[0].name(), "b");
+        let err = Config::load(QUICKSTART, "q", &["run.seed=seven".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("run.seed"), "{err:#}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        let err = Config::load("", "q", &["data.synthclinic.hops=9".into()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("hops must be 1, 2 or 3"),
+            "{err:#}"
+        );
+        let err = Config::load("", "q", &["run.name=../x".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("plain folder name"), "{err:#}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = Config::load(QUICKSTART, "q", &[]).unwrap();
+        let again = Config::load(&c.to_toml(), "resolved", &[]).unwrap();
+        assert_eq!(c, again);
+    }
+}

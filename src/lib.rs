@@ -1,0 +1,9 @@
+//! medzero: self-play reinforcement learning of small language models on
+//! clinical reasoning. This crate holds the runtime and the algorithms that
+//! compose the envs, policies and rewards crates; `medzero` is its CLI.
+
+pub mod baselines;
+pub mod config;
+pub mod experiment;
+pub mod monitor;
+pub mod results;

@@ -1,0 +1,211 @@
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use medzero::config::{Config, QUICKSTART};
+use medzero_envs::loaders::{self, Format};
+use medzero_envs::synthclinic::{SynthClinic, SynthConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Self-play RL for small clinical-reasoning language models.
+#[derive(Parser)]
+#[command(name = "medzero", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment (no CONFIG: the embedded quickstart). Re-running an
+    /// existing run name resumes it.
+    Run {
+        /// Experiment TOML, e.g. experiments/quickstart.toml.
+        config: Option<PathBuf>,
+        /// Override a config key: --set search.max_nodes=60 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Delete an existing run of the same name and start over.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Make or inspect data sets.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Generate a SynthClinic world: kb.json, train/test.jsonl, textbook.txt, gold_chains.jsonl.
+    Synthclinic(SynthArgs),
+    /// Detect a data file's format and summarise it.
+    Inspect {
+        file: PathBuf,
+        /// Force a format instead of detecting it.
+        #[arg(long)]
+        format: Option<String>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    train: Option<usize>,
+    #[arg(long)]
+    test: Option<usize>,
+    /// Mechanism levels between findings and the disease.
+    #[arg(long)]
+    hops: Option<usize>,
+    /// Chance each typical finding is shown.
+    #[arg(long)]
+    typical_shown: Option<f64>,
+    /// Unrelated findings per case.
+    #[arg(long)]
+    noise_findings: Option<usize>,
+    /// Chance a distractor shares findings with the answer.
+    #[arg(long)]
+    distractor_similarity: Option<f64>,
+    /// Share of KB facts left out of the textbook.
+    #[arg(long)]
+    withheld_fraction: Option<f64>,
+    #[arg(long)]
+    options: Option<usize>,
+    /// Any other knob: --set diseases=40 (repeatable).
+    #[arg(long = "set", value_name = "KNOB=VALUE")]
+    set: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config, set, fresh } => {
+            let cfg = match &config {
+                Some(path) => Config::from_file(path, &set)?,
+                None => Config::load(QUICKSTART, "quickstart (embedded)", &set)?,
+            };
+            let out = medzero::experiment::run(&cfg, fresh)?;
+            println!("{}", out.results.to_markdown());
+            println!("run folder: {}", out.dir.display());
+            Ok(())
+        }
+        Command::Data(DataCommand::Synthclinic(a)) => {
+            let cfg = synth_config(&a)?;
+            let world = SynthClinic::generate(&cfg)?;
+            world.write_dir(&a.out)?;
+            println!(
+                "wrote {} train and {} test questions, {} textbook lines ({} facts withheld) to {}",
+                world.train.len(),
+                world.test.len(),
+                world.textbook.len(),
+                world.withheld.len(),
+                a.out.display()
+            );
+            Ok(())
+        }
+        Command::Data(DataCommand::Inspect { file, format, json }) => {
+            inspect(&file, format.as_deref(), json)
+        }
+    }
+}
+
+/// Flags and `--set` knobs over the defaults, through the same TOML path as
+/// experiment configs, so unknown knobs get the same "did you mean".
+fn synth_config(a: &SynthArgs) -> Result<SynthConfig> {
+    let mut sets = vec![format!("data.synthclinic.seed={}", a.seed)];
+    let flags: [(&str, Option<String>); 8] = [
+        ("train", a.train.map(|v| v.to_string())),
+        ("test", a.test.map(|v| v.to_string())),
+        ("hops", a.hops.map(|v| v.to_string())),
+        ("typical_shown", a.typical_shown.map(|v| v.to_string())),
+        ("noise_findings", a.noise_findings.map(|v| v.to_string())),
+        (
+            "distractor_similarity",
+            a.distractor_similarity.map(|v| v.to_string()),
+        ),
+        (
+            "withheld_fraction",
+            a.withheld_fraction.map(|v| v.to_string()),
+        ),
+        ("options", a.options.map(|v| v.to_string())),
+    ];
+    for (k, v) in flags {
+        if let Some(v) = v {
+            sets.push(format!("data.synthclinic.{k}={v}"));
+        }
+    }
+    sets.extend(a.set.iter().map(|s| format!("data.synthclinic.{s}")));
+    Ok(Config::load("", "synthclinic knobs", &sets)?
+        .data
+        .synthclinic)
+}
+
+fn inspect(file: &std::path::Path, format: Option<&str>, json: bool) -> Result<()> {
+    let fmt = match format {
+        Some(name) => name.parse::<Format>().map_err(anyhow::Error::msg)?,
+        None => loaders::detect_format(file)?,
+    };
+    let problems = loaders::load_problems_as(file, fmt)?;
+    let stats = loaders::stats(&problems);
+    let sample = problems.first().context("the file holds no records")?;
+    if json {
+        let v = serde_json::json!({
+            "file": file.display().to_string(),
+            "format": fmt.name(),
+            "records": problems.len(),
+            "stats": stats,
+            "sample": sample,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("file:     {}", file.display());
+        println!("format:   {}", fmt.name());
+        println!("records:  {}", problems.len());
+        println!("answers:  {}", fmt_counts(&stats.answer_distribution));
+        println!("tasks:    {}", fmt_counts(&stats.tasks));
+        println!(
+            "options:  {}",
+            fmt_counts(
+                &stats
+                    .option_counts
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect()
+            )
+        );
+        println!(
+            "\nsample ({}):\n{}\ngold: {:?}",
+            sample.id,
+            sample.prompt_text(),
+            sample.gold
+        );
+    }
+    Ok(())
+}
+
+fn fmt_counts(m: &std::collections::BTreeMap<String, usize>) -> String {
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let shown: Vec<String> = v.iter().take(12).map(|(k, n)| format!("{k} {n}")).collect();
+    let more = if v.len() > 12 {
+        format!(" (+{} more)", v.len() - 12)
+    } else {
+        String::new()
+    };
+    shown.join(", ") + &more
+}

@@ -1,0 +1,274 @@
+//! The `medzero` binary as a person uses it: data generation, inspection of
+//! the real benchmark files, the default experiment and its resume, and the
+//! errors bad input gets.
+
+mod support;
+use support::{meds3_eval, medzero, stderr, stdout, tb_read};
+
+fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn synthclinic_cli_is_byte_identical_per_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = |name: &str, seed: &str| {
+        let dir = tmp.path().join(name);
+        let o = medzero(&[
+            "data",
+            "synthclinic",
+            "--out",
+            dir.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--train",
+            "120",
+            "--test",
+            "40",
+            "--hops",
+            "2",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains("wrote 120 train and 40 test questions"),
+            "{}",
+            stdout(&o)
+        );
+        files(&dir)
+    };
+    let (a, b, c) = (out("a", "11"), out("b", "11"), out("c", "12"));
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 6);
+    assert!(a.iter().zip(&c).all(|(x, y)| x.1 != y.1));
+
+    let o = medzero(&[
+        "data",
+        "synthclinic",
+        "--out",
+        tmp.path().join("d").to_str().unwrap(),
+        "--set",
+        "diseasez=30",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("did you mean `diseases`?"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("panicked"));
+}
+
+#[test]
+fn inspect_reads_every_real_file_with_exact_counts() {
+    for (file, records, options) in [
+        ("MedQA.json", 1273, "5"),
+        ("MedMCQA.json", 4183, "4"),
+        ("pubmedqa.json", 500, "3"),
+        ("bioasq.json", 618, "2"),
+    ] {
+        let o = medzero(&[
+            "data",
+            "inspect",
+            meds3_eval(file).to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{file}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["format"], "meds3", "{file}");
+        assert_eq!(v["records"], records, "{file}");
+        assert!(
+            v["stats"]["option_counts"][options].as_u64().unwrap() > 0,
+            "{file}: {}",
+            v["stats"]
+        );
+        let o = medzero(&["data", "inspect", meds3_eval(file).to_str().unwrap()]);
+        assert!(
+            stdout(&o).contains(&format!("records:  {records}")),
+            "{}",
+            stdout(&o)
+        );
+    }
+}
+
+#[test]
+fn inspect_names_file_and_record_of_bad_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(meds3_eval("bioasq.json")).unwrap();
+    let cut = tmp.path().join("bioasq-cut.json");
+    std::fs::write(&cut, &text[..text.len() / 2]).unwrap();
+    let o = medzero(&["data", "inspect", cut.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("bioasq-cut.json:"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let missing = medzero(&[
+        "data",
+        "inspect",
+        tmp.path().join("nope.json").to_str().unwrap(),
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("nope.json"),
+        "{}",
+        stderr(&missing)
+    );
+    let bad_fmt = medzero(&["data", "inspect", cut.to_str().unwrap(), "--format", "csv"]);
+    assert!(
+        stderr(&bad_fmt).contains("known formats"),
+        "{}",
+        stderr(&bad_fmt)
+    );
+}
+
+#[test]
+fn quickstart_runs_writes_results_and_events_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = format!("run.out_dir={}", tmp.path().display());
+    let args = [
+        "run",
+        "--set",
+        &out_dir,
+        "--set",
+        "data.synthclinic.train=200",
+        "--set",
+        "data.synthclinic.test=100",
+    ];
+    let o = medzero(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = tmp.path().join("quickstart");
+    for f in [
+        "config.toml",
+        "results.json",
+        "results.md",
+        "data/train.jsonl",
+        "stages/0-baselines/result.json",
+    ] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["seed"], 0);
+    let rows = results["rows"].as_array().unwrap();
+    let acc = |m: &str| {
+        rows.iter().find(|r| r["method"] == m).unwrap()["greedy_accuracy"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(acc("gold-chain"), 1.0);
+    assert!(
+        acc("teacher") > 0.8 && acc("teacher") < 1.0,
+        "teacher with noise 0.1: {}",
+        acc("teacher")
+    );
+    assert!(acc("random-option") < 0.4);
+    assert!(rows.iter().all(|r| r["selection_accuracy"].is_object()));
+
+    let tb = tb_read(&run);
+    let teacher = &tb["scalars"]["baselines/synthclinic-test/teacher"];
+    assert_eq!(teacher[0][0], 0);
+    assert!((teacher[0][1].as_f64().unwrap() - acc("teacher")).abs() < 1e-6);
+    assert!(tb["histograms"]["data/gold_chain_steps"].is_array(), "{tb}");
+
+    // Same command again: resumes, skips the finished stage, same table.
+    let again = medzero(&args);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("resuming run"),
+        "{}",
+        stderr(&again)
+    );
+    let results2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["rows"], results2["rows"]);
+
+    // A changed config does not silently mix into the old run.
+    let mut changed = args.to_vec();
+    changed.extend(["--set", "run.seed=5"]);
+    let o = medzero(&changed);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("differs at: run.seed"),
+        "{}",
+        stderr(&o)
+    );
+    changed.push("--fresh");
+    assert!(medzero(&changed).status.success());
+}
+
+#[test]
+fn same_seed_same_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let table = |name: &str| {
+        let o = medzero(&[
+            "run",
+            "--set",
+            &format!("run.out_dir={}", tmp.path().display()),
+            "--set",
+            &format!("run.name={name}"),
+            "--set",
+            "data.synthclinic.test=100",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join(name).join("results.json")).unwrap(),
+        )
+        .unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["method"].clone(),
+                    r["greedy_accuracy"].clone(),
+                    r["per_task"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(table("a"), table("b"));
+}
+
+#[test]
+fn config_errors_are_clear_and_exit_non_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("exp.toml");
+    std::fs::write(
+        &cfg,
+        "[run]\nname = \"x\"\n\n[data.synthclinic]\nhopz = 2\n",
+    )
+    .unwrap();
+    let o = medzero(&["run", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("exp.toml") && err.contains("did you mean `hops`?"),
+        "{err}"
+    );
+    let o = medzero(&["run", tmp.path().join("missing.toml").to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("reading config") && stderr(&o).contains("missing.toml"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&cfg, "[run\n").unwrap();
+    let o = medzero(&["run", cfg.to_str().unwrap()]);
+    assert!(stderr(&o).contains("not valid TOML"), "{}", stderr(&o));
+    let o = medzero(&["run", "--set", "data.eval_files=[\"nope.json\"]"]);
+    assert!(
+        stderr(&o).contains("nope.json does not exist"),
+        "{}",
+        stderr(&o)
+    );
+}

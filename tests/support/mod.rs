@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use serde_json::Value as Json;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const PROJECT_ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The venv's interpreter: `.medzero/py` as linked by `make setup`, else the
+/// user-cache install `scripts/setup.sh` makes.
+pub fn python() -> PathBuf {
+    let linked = Path::new(PROJECT_ROOT).join(".medzero/py/bin/python");
+    if linked.exists() {
+        return linked;
+    }
+    let cache = std::env::var_os("MEDZERO_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/medzero"),
+        PathBuf::from,
+    );
+    cache.join("py/bin/python")
+}
+
+/// What TensorBoard's EventAccumulator reads from `dir`.
+pub fn tb_read(dir: &Path) -> Json {
+    let script = Path::new(PROJECT_ROOT).join("tests/support/tb_read.py");
+    let python = python();
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e} (run `make setup`)", python.display()));
+    assert!(
+        out.status.success(),
+        "tb_read.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("tb_read.py prints JSON")
+}
+
+/// The real benchmark files, beside the repo (`../shared/data/meds3-eval`).
+pub fn meds3_eval(file: &str) -> PathBuf {
+    Path::new(PROJECT_ROOT)
+        .join("../shared/data/meds3-eval")
+        .join(file)
+}
+
+/// Runs the `medzero` binary built for these tests.
+pub fn medzero(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_medzero"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running medzero")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
