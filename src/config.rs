@@ -2,8 +2,13 @@
 //! TOML (a file, or the embedded quickstart), then `--set key.path=value`
 //! overrides; an unknown key is an error that names the nearest valid key.
 
+use crate::eval::EvalConfig;
+use crate::sft::SftConfig;
 use anyhow::{Context, Result, anyhow, bail};
 use medzero_envs::synthclinic::{OracleConfig, SynthConfig};
+use medzero_policies::DecoderConfig;
+use medzero_policies::llama::{Arch, DType};
+use medzero_policies::tokenizer::PromptTemplate;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -16,7 +21,78 @@ pub struct Config {
     pub run: RunConfig,
     pub data: DataConfig,
     pub teacher: TeacherConfig,
+    pub student: StudentConfig,
     pub stages: Vec<Stage>,
+}
+
+/// The base student: a fresh Llama-family decoder with SynthClinic's
+/// word-level tokenizer, or an HF model folder (`from`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudentConfig {
+    /// An HF model folder (config.json, model.safetensors, tokenizer.json);
+    /// empty for a fresh model of the size below.
+    pub from: String,
+    pub arch: Arch,
+    pub hidden_size: i64,
+    pub layers: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub intermediate_size: i64,
+    pub max_position: i64,
+    pub rope_theta: f64,
+    pub tie_embeddings: bool,
+    pub dtype: DType,
+    pub template: PromptTemplate,
+    /// Words seen fewer times than this in SynthClinic's texts become <unk>.
+    pub min_word_count: usize,
+}
+
+impl Default for StudentConfig {
+    fn default() -> Self {
+        StudentConfig {
+            from: String::new(),
+            arch: Arch::Qwen2,
+            hidden_size: 128,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            intermediate_size: 256,
+            max_position: 512,
+            rope_theta: 10000.0,
+            tie_embeddings: true,
+            dtype: DType::F32,
+            template: PromptTemplate::Plain,
+            min_word_count: 1,
+        }
+    }
+}
+
+impl StudentConfig {
+    /// The decoder config of a fresh student over a vocabulary of `vocab` tokens.
+    pub fn decoder(&self, vocab: usize, eos: i64) -> DecoderConfig {
+        DecoderConfig {
+            arch: self.arch,
+            vocab_size: vocab as i64,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.layers,
+            num_heads: self.heads,
+            num_kv_heads: self.kv_heads,
+            head_dim: self.hidden_size / self.heads,
+            max_position_embeddings: self.max_position,
+            rms_norm_eps: 1e-6,
+            rope_theta: self.rope_theta,
+            rope_llama3: None,
+            tie_word_embeddings: self.tie_embeddings,
+            qkv_bias: self.arch == Arch::Qwen2,
+            o_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![eos],
+            dtype: self.dtype,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,18 +160,31 @@ pub enum Stage {
     /// Reference points every method must beat or match: chance-level
     /// heuristics, the teacher, and the oracle's gold chains.
     Baselines(BaselinesStage),
+    /// Domain-foundation pretraining of the base student on the textbook.
+    Pretrain(TrainStage),
+    /// Answer-only distillation: SFT on the teacher's answers without
+    /// reasoning (the classic-KD baseline of the papers).
+    DistillAnswers(TrainStage),
+    /// Greedy and sampled accuracy of trained models on the test split.
+    Eval(EvalStage),
 }
 
 impl Stage {
     pub fn kind(&self) -> &'static str {
         match self {
             Stage::Baselines(_) => "baselines",
+            Stage::Pretrain(_) => "pretrain",
+            Stage::DistillAnswers(_) => "distill_answers",
+            Stage::Eval(_) => "eval",
         }
     }
     pub fn name(&self) -> &str {
-        match self {
-            Stage::Baselines(s) => s.name.as_deref().unwrap_or("baselines"),
-        }
+        let named = match self {
+            Stage::Baselines(s) => &s.name,
+            Stage::Pretrain(s) | Stage::DistillAnswers(s) => &s.name,
+            Stage::Eval(s) => &s.name,
+        };
+        named.as_deref().unwrap_or(self.kind())
     }
 }
 
@@ -103,6 +192,25 @@ impl Stage {
 #[serde(deny_unknown_fields, default)]
 pub struct BaselinesStage {
     pub name: Option<String>,
+}
+
+/// A stage that trains a model and leaves it in `stages/<k>-<name>/model`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainStage {
+    pub name: Option<String>,
+    /// The stage whose model this one starts from (empty: the base student).
+    pub init: String,
+    pub sft: SftConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalStage {
+    pub name: Option<String>,
+    /// Stages whose models are scored, in table order.
+    pub models: Vec<String>,
+    pub eval: EvalConfig,
 }
 
 impl Config {

@@ -3,15 +3,24 @@
 //! of the same run name skips it and goes on where the last run stopped.
 
 use crate::baselines::{self, Answerer};
-use crate::config::{Config, Stage};
+use crate::config::{Config, EvalStage, Stage, TrainStage};
+use crate::eval;
 use crate::monitor::{Metrics, TensorBoard};
 use crate::results::{Results, Row};
+use crate::sft::{self, Example};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use medzero_envs::synthclinic::SynthClinic;
-use medzero_envs::{Problem, atomic, loaders};
+use medzero_envs::{Problem, atomic, loaders, render_chain};
+use medzero_policies::Policy;
 use medzero_policies::device::DeviceInfo;
+use medzero_policies::tokenizer::Tokenizer;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 /// What a run left behind.
@@ -28,9 +37,31 @@ pub struct StageCtx<'a> {
     pub world: &'a SynthClinic,
     pub metrics: &'a mut dyn Metrics,
     pub dir: &'a Path,
+    /// Models trained by earlier stages, by stage name.
+    pub models: &'a BTreeMap<String, TrainedModel>,
+    /// Set by SIGINT/SIGTERM: stages checkpoint and return.
+    pub stop: &'a AtomicBool,
 }
 
-pub fn run(cfg: &Config, fresh: bool) -> Result<RunOutcome> {
+/// A model a training stage left behind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainedModel {
+    pub dir: PathBuf,
+    /// Tokens trained on, counting every stage it descends from.
+    pub training_tokens: u64,
+    pub wall_s: f64,
+}
+
+/// What a finished stage records in its `result.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageResult {
+    #[serde(default)]
+    pub rows: Vec<Row>,
+    #[serde(default)]
+    pub model: Option<TrainedModel>,
+}
+
+pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
     let dir = cfg.run.out_dir.join(&cfg.run.name);
     let resolved = cfg.to_toml();
     let config_path = dir.join("config.toml");
@@ -68,6 +99,7 @@ pub fn run(cfg: &Config, fresh: bool) -> Result<RunOutcome> {
         .with_context(|| format!("creating TensorBoard events in {}", dir.display()))?;
 
     let mut rows = Vec::new();
+    let mut models = BTreeMap::new();
     let mut resumed = 0;
     let bar = ProgressBar::new(cfg.stages.len() as u64)
         .with_style(
@@ -79,29 +111,49 @@ pub fn run(cfg: &Config, fresh: bool) -> Result<RunOutcome> {
         let stage_dir = dir.join("stages").join(format!("{k}-{}", stage.name()));
         let result_path = stage_dir.join("result.json");
         bar.set_message(stage.name().to_string());
-        if result_path.exists() {
+        let result = if result_path.exists() {
             let text = std::fs::read_to_string(&result_path)?;
-            let done: Vec<Row> = serde_json::from_str(&text)
-                .with_context(|| format!("reading {}", result_path.display()))?;
-            rows.extend(done);
             resumed += 1;
-            bar.inc(1);
-            continue;
+            serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", result_path.display()))?
+        } else {
+            std::fs::create_dir_all(&stage_dir)?;
+            let mut ctx = StageCtx {
+                cfg,
+                world: &world,
+                metrics: &mut tb,
+                dir: &stage_dir,
+                models: &models,
+                stop,
+            };
+            let result = match stage {
+                Stage::Baselines(_) => StageResult {
+                    rows: run_baselines(&mut ctx)?,
+                    model: None,
+                },
+                Stage::Pretrain(t) => {
+                    train_stage(&mut ctx, stage.name(), t, textbook_examples(&world))?
+                }
+                Stage::DistillAnswers(t) => {
+                    let data = answer_examples(&ctx)?;
+                    train_stage(&mut ctx, stage.name(), t, data)?
+                }
+                Stage::Eval(e) => StageResult {
+                    rows: run_eval(&mut ctx, e)?,
+                    model: None,
+                },
+            };
+            ctx.metrics.flush().context("writing TensorBoard events")?;
+            atomic::write(
+                &result_path,
+                serde_json::to_string_pretty(&result)?.as_bytes(),
+            )?;
+            result
+        };
+        rows.extend(result.rows);
+        if let Some(m) = result.model {
+            models.insert(stage.name().to_string(), m);
         }
-        std::fs::create_dir_all(&stage_dir)?;
-        let mut ctx = StageCtx {
-            cfg,
-            world: &world,
-            metrics: &mut tb,
-            dir: &stage_dir,
-        };
-        let stage_rows = match stage {
-            Stage::Baselines(_) => run_baselines(&mut ctx)?,
-        };
-        ctx.metrics.flush().context("writing TensorBoard events")?;
-        let json = serde_json::to_string_pretty(&stage_rows)?;
-        atomic::write(&result_path, json.as_bytes())?;
-        rows.extend(stage_rows);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -219,6 +271,168 @@ fn run_baselines(ctx: &mut StageCtx) -> Result<Vec<Row>> {
             0,
             &format!("{}\n\n{}", p.prompt_text(), chain),
         );
+    }
+    Ok(rows)
+}
+
+/// The base student: an HF model folder, or a fresh decoder over SynthClinic's
+/// word-level vocabulary (every word of the world's texts).
+fn base_student(cfg: &Config, world: &SynthClinic) -> Result<Policy> {
+    let device = tch::Device::Cpu;
+    if !cfg.student.from.is_empty() {
+        return Ok(Policy::load(
+            Path::new(&cfg.student.from),
+            device,
+            Some(cfg.student.dtype),
+        )?);
+    }
+    let oracle = world.oracle(cfg.teacher.oracle.clone());
+    let template = cfg.student.template;
+    let mut texts: Vec<String> = world.textbook.clone();
+    for p in world.train.iter().chain(&world.test) {
+        texts.push(template.render(&p.prompt_text()));
+        if let Ok(steps) = oracle.gold_chain(p) {
+            texts.push(render_chain(&steps));
+        }
+        if let Ok(e) = oracle.explain(p) {
+            texts.push(e.render(p));
+        }
+        texts.extend(
+            p.options
+                .iter()
+                .map(|c| format!("The answer is {}.", c.text)),
+        );
+    }
+    let tokenizer =
+        Tokenizer::word_level(texts.iter().map(String::as_str), cfg.student.min_word_count);
+    let decoder = cfg
+        .student
+        .decoder(tokenizer.vocab_size(), tokenizer.eos_id());
+    Ok(Policy::new_random(
+        &decoder,
+        tokenizer,
+        device,
+        cfg.run.seed,
+    )?)
+}
+
+/// Each textbook line as a sequence learned in full.
+fn textbook_examples(world: &SynthClinic) -> Vec<Example> {
+    world
+        .textbook
+        .iter()
+        .map(|l| Example {
+            prompt: String::new(),
+            completion: l.clone(),
+        })
+        .collect()
+}
+
+/// The teacher's answer to each training question, without reasoning.
+fn answer_examples(ctx: &StageCtx) -> Result<Vec<Example>> {
+    let oracle = ctx.world.oracle(ctx.cfg.teacher.oracle.clone());
+    let template = ctx.cfg.student.template;
+    ctx.world
+        .train
+        .iter()
+        .map(|p| {
+            let e = oracle.explain(p)?;
+            // The option the teacher picks, by its text: a bare letter would
+            // also ask the student to bind letters to options.
+            let text = p
+                .option(&e.letter)
+                .map(|c| c.text.as_str())
+                .unwrap_or_default();
+            Ok(Example {
+                prompt: template.render(&p.prompt_text()),
+                completion: format!("The answer is {text}."),
+            })
+        })
+        .collect()
+}
+
+fn train_stage(
+    ctx: &mut StageCtx,
+    name: &str,
+    stage: &TrainStage,
+    data: Vec<Example>,
+) -> Result<StageResult> {
+    let (policy, inherited) = if stage.init.is_empty() {
+        (base_student(ctx.cfg, ctx.world)?, 0)
+    } else {
+        let m = &ctx.models[&stage.init];
+        (
+            Policy::load(&m.dir, tch::Device::Cpu, None)?,
+            m.training_tokens,
+        )
+    };
+    let data_path = ctx.dir.join("data.jsonl");
+    if !data_path.exists() {
+        let lines: String = data
+            .iter()
+            .map(|e| serde_json::to_string(e).expect("example") + "\n")
+            .collect();
+        atomic::write(&data_path, lines.as_bytes())?;
+    }
+    let report = sft::train(
+        &policy,
+        &data,
+        &stage.sft,
+        ctx.cfg.student.template,
+        ctx.cfg.run.seed,
+        ctx.dir,
+        name,
+        ctx.metrics,
+        ctx.stop,
+    )?;
+    let model_dir = ctx.dir.join("model");
+    policy.save(&model_dir)?;
+    eprintln!(
+        "{name}: {} steps, {} tokens, final loss {:.4}, {:.1}s",
+        report.steps, report.tokens, report.final_loss, report.wall_s
+    );
+    Ok(StageResult {
+        rows: Vec::new(),
+        model: Some(TrainedModel {
+            dir: model_dir,
+            training_tokens: inherited + report.tokens,
+            wall_s: report.wall_s,
+        }),
+    })
+}
+
+fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for name in &stage.models {
+        let m = &ctx.models[name];
+        let policy = Policy::load(&m.dir, tch::Device::Cpu, None)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(ctx.cfg.run.seed);
+        let t = Instant::now();
+        let r = eval::evaluate(
+            &policy,
+            &ctx.world.test,
+            ctx.cfg.student.template,
+            &stage.eval,
+            &mut rng,
+        )?;
+        ctx.metrics.scalar(
+            &format!("eval/{name}/greedy_accuracy"),
+            0,
+            r.greedy_accuracy,
+        );
+        for (rule, acc) in &r.selection_accuracy {
+            ctx.metrics.scalar(&format!("eval/{name}/{rule}"), 0, *acc);
+        }
+        rows.push(Row {
+            method: name.clone(),
+            eval_set: "synthclinic-test".into(),
+            greedy_accuracy: r.greedy_accuracy,
+            selection_accuracy: r.selection_accuracy,
+            per_task: r.per_task,
+            n: r.n,
+            training_tokens: m.training_tokens,
+            wall_s: m.wall_s + t.elapsed().as_secs_f64(),
+        });
     }
     Ok(rows)
 }

@@ -3,7 +3,11 @@
 //! compose the envs, policies and rewards crates; `medzero` is its CLI.
 
 pub mod baselines;
+pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod experiment;
 pub mod monitor;
 pub mod results;
+pub mod sft;
+pub mod signals;

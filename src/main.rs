@@ -1,8 +1,13 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use medzero::config::{Config, QUICKSTART};
+use medzero::eval::EvalConfig;
 use medzero_envs::loaders::{self, Format};
 use medzero_envs::synthclinic::{SynthClinic, SynthConfig};
+use medzero_policies::tokenizer::PromptTemplate;
+use medzero_policies::{Policy, SamplingParams};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,6 +36,57 @@ enum Command {
     /// Make or inspect data sets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Generate from a model folder (HF layout: config.json, model.safetensors, tokenizer.json).
+    Generate(GenerateArgs),
+    /// Score a model (a folder, or a run whose last trained model is used) on a data file.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default unless --temperature is given).
+    #[arg(long, conflicts_with = "temperature")]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt in a template (plain, chat_ml); none by default.
+    #[arg(long)]
+    template: Option<String>,
+    /// Print the token ids and their log-probs as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A model folder, or a run folder (runs/NAME).
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// Samples per question for vote-sc@N (0: greedy only).
+    #[arg(long, default_value_t = 0)]
+    n: usize,
+    /// Score only the first K questions.
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    #[arg(long, default_value = "plain")]
+    template: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -86,10 +142,26 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the
+/// message before it already includes (many errors print their source).
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !out.contains(&s) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&s);
+        }
+    }
+    out
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
@@ -99,7 +171,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                 Some(path) => Config::from_file(path, &set)?,
                 None => Config::load(QUICKSTART, "quickstart (embedded)", &set)?,
             };
-            let out = medzero::experiment::run(&cfg, fresh)?;
+            let stop = medzero::signals::install()?;
+            let out = medzero::experiment::run(&cfg, fresh, &stop)?;
             println!("{}", out.results.to_markdown());
             println!("run folder: {}", out.dir.display());
             Ok(())
@@ -121,7 +194,109 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Inspect { file, format, json }) => {
             inspect(&file, format.as_deref(), json)
         }
+        Command::Generate(a) => generate(&a),
+        Command::Eval(a) => eval(&a),
     }
+}
+
+fn template(name: &str) -> Result<PromptTemplate> {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .map_err(|_| anyhow::anyhow!("unknown template {name:?}; known: plain, chat_ml"))
+}
+
+fn generate(a: &GenerateArgs) -> Result<()> {
+    let policy = Policy::load(&a.model, tch::Device::Cpu, None)?;
+    let text = match &a.template {
+        Some(t) => template(t)?.render(&a.prompt),
+        None => a.prompt.clone(),
+    };
+    let prompt = policy.tokenizer.encode(&text)?;
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: if a.greedy {
+            0.0
+        } else {
+            a.temperature.unwrap_or(0.0)
+        },
+        top_p: a.top_p,
+        ..SamplingParams::default()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let g = policy
+        .generate(std::slice::from_ref(&prompt), &params, &mut rng)?
+        .remove(0);
+    if a.json {
+        let v = serde_json::json!({
+            "prompt_tokens": prompt,
+            "tokens": g.tokens,
+            "logprobs": g.logprobs,
+            "text": g.text,
+            "finish": g.finish,
+        });
+        println!("{v}");
+    } else {
+        println!("{}", g.text);
+    }
+    Ok(())
+}
+
+/// A model folder as given, or the last trained model of a run folder.
+fn resolve_model(path: &std::path::Path) -> Result<PathBuf> {
+    if path.join("config.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let stages = path.join("stages");
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&stages)
+        .with_context(|| {
+            format!(
+                "{} is neither a model folder (no config.json) nor a run folder (no stages/)",
+                path.display()
+            )
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let k = e
+                .file_name()
+                .to_string_lossy()
+                .split('-')
+                .next()?
+                .parse::<usize>()
+                .ok()?;
+            let model = e.path().join("model");
+            model.join("config.json").exists().then_some((k, model))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, m)| m)
+        .with_context(|| format!("run {} has no trained model yet", path.display()))
+}
+
+fn eval(a: &EvalArgs) -> Result<()> {
+    let dir = resolve_model(&a.model)?;
+    let policy = Policy::load(&dir, tch::Device::Cpu, None)?;
+    let problems = loaders::load_problems(&a.data)?;
+    let cfg = EvalConfig {
+        samples: a.n,
+        max_new_tokens: a.max_new_tokens,
+        limit: a.limit,
+        ..EvalConfig::default()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let r = medzero::eval::evaluate(&policy, &problems, template(&a.template)?, &cfg, &mut rng)?;
+    if a.json {
+        let v = serde_json::json!({"model": dir.display().to_string(), "data": a.data.display().to_string(), "report": r});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("model:  {}", dir.display());
+        println!("data:   {} ({} questions)", a.data.display(), r.n);
+        println!("greedy: {:.1}%", 100.0 * r.greedy_accuracy);
+        for (rule, acc) in &r.selection_accuracy {
+            println!("{rule}: {:.1}%", 100.0 * acc);
+        }
+    }
+    Ok(())
 }
 
 /// Flags and `--set` knobs over the defaults, through the same TOML path as

@@ -5,6 +5,19 @@
 mod support;
 use support::{meds3_eval, medzero, stderr, stdout, tb_read};
 
+/// The quickstart shrunk to seconds: a tiny student, one epoch per stage.
+const TINY: &[&str] = &[
+    "student.hidden_size=32",
+    "student.layers=1",
+    "student.heads=2",
+    "student.kv_heads=1",
+    "student.intermediate_size=64",
+    "stages.1.sft.epochs=1",
+    "stages.2.sft.epochs=1",
+    "stages.3.eval.samples=2",
+    "stages.3.eval.limit=20",
+];
+
 fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -135,7 +148,7 @@ fn inspect_names_file_and_record_of_bad_data() {
 fn quickstart_runs_writes_results_and_events_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = format!("run.out_dir={}", tmp.path().display());
-    let args = [
+    let mut args = vec![
         "run",
         "--set",
         &out_dir,
@@ -144,6 +157,7 @@ fn quickstart_runs_writes_results_and_events_and_resumes() {
         "--set",
         "data.synthclinic.test=100",
     ];
+    args.extend(TINY.iter().flat_map(|s| ["--set", s]));
     let o = medzero(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let run = tmp.path().join("quickstart");
@@ -193,7 +207,7 @@ fn quickstart_runs_writes_results_and_events_and_resumes() {
     assert_eq!(results["rows"], results2["rows"]);
 
     // A changed config does not silently mix into the old run.
-    let mut changed = args.to_vec();
+    let mut changed = args.clone();
     changed.extend(["--set", "run.seed=5"]);
     let o = medzero(&changed);
     assert_eq!(o.status.code(), Some(1));
@@ -210,15 +224,19 @@ fn quickstart_runs_writes_results_and_events_and_resumes() {
 fn same_seed_same_table() {
     let tmp = tempfile::tempdir().unwrap();
     let table = |name: &str| {
-        let o = medzero(&[
+        let out_dir = format!("run.out_dir={}", tmp.path().display());
+        let run_name = format!("run.name={name}");
+        let mut args = vec![
             "run",
             "--set",
-            &format!("run.out_dir={}", tmp.path().display()),
+            &out_dir,
             "--set",
-            &format!("run.name={name}"),
+            &run_name,
             "--set",
             "data.synthclinic.test=100",
-        ]);
+        ];
+        args.extend(TINY.iter().flat_map(|s| ["--set", s]));
+        let o = medzero(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(tmp.path().join(name).join("results.json")).unwrap(),

@@ -1,0 +1,178 @@
+//! Sampling and batched generation over a [`KvCache`].
+//!
+//! Randomness comes from the caller's seeded ChaCha stream, one uniform per
+//! sequence per step (inverse-CDF sampling on the device), so generation is
+//! reproducible per actor and does not touch libtorch's global generator.
+
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// Nucleus mass kept (1 = off).
+    pub top_p: f64,
+    /// Most likely tokens kept (0 = off).
+    pub top_k: usize,
+    /// Generation of a sequence ends at the first of these (not included in
+    /// the returned text), e.g. MedS3's next "Step k:".
+    pub stop: Vec<String>,
+    /// Tokens that end a sequence besides EOS (a template's end of turn).
+    pub stop_token_ids: Vec<i64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        SamplingParams {
+            max_new_tokens,
+            ..Default::default()
+        }
+    }
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    Eos,
+    /// Stopped by this stop string.
+    Stop(String),
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Every generated token, including the EOS or the tokens of a stop string.
+    pub tokens: Vec<i64>,
+    /// Log-probability of each token under the model (temperature 1, no
+    /// filtering): what learners and importance weights need.
+    pub logprobs: Vec<f32>,
+    /// Decoded text, cut before a stop string; special tokens dropped.
+    pub text: String,
+    pub finish: Finish,
+}
+
+impl Generation {
+    pub(crate) fn empty() -> Generation {
+        Generation {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            finish: Finish::Length,
+        }
+    }
+}
+
+/// Picks one token per row of `logits` [B, V]; returns the tokens and their
+/// log-probabilities under the unmodified distribution.
+pub fn sample(
+    logits: &Tensor,
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<i64>, Vec<f32>) {
+    let logits = logits.to_kind(Kind::Float);
+    let (b, v) = (logits.size()[0], logits.size()[1]);
+    let logp = logits.log_softmax(-1, Kind::Float);
+    let next = if params.is_greedy() {
+        logits.argmax(-1, false)
+    } else {
+        let mut l = &logits / params.temperature;
+        if params.top_k > 0 && (params.top_k as i64) < v {
+            let k = params.top_k as i64;
+            let kth = l.topk(k, -1, true, true).0.narrow(1, k - 1, 1);
+            l = l.masked_fill(&l.lt_tensor(&kth), f64::NEG_INFINITY);
+        }
+        let mut probs = l.softmax(-1, Kind::Float);
+        if params.top_p < 1.0 {
+            let (sorted, idx) = probs.sort(-1, true);
+            // Keep tokens while the mass before them is below top_p (the most
+            // likely one always stays).
+            let before = sorted.cumsum(-1, Kind::Float) - &sorted;
+            let kept = sorted.masked_fill(&before.gt(params.top_p), 0.0);
+            probs = probs.zeros_like().scatter(-1, &idx, &kept);
+        }
+        let cdf = probs.cumsum(-1, Kind::Float);
+        let u: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+        let u =
+            Tensor::from_slice(&u).to_device(cdf.device()).view([b, 1]) * cdf.narrow(1, v - 1, 1);
+        u.searchsorted(&cdf, false, true, "right", None::<Tensor>)
+            .clamp_max(v - 1)
+            .view([b])
+    };
+    let lp = logp.gather(1, &next.view([b, 1]), false).view([b]);
+    let next = next.to_device(tch::Device::Cpu);
+    let lp = lp.to_device(tch::Device::Cpu);
+    (
+        Vec::<i64>::try_from(&next).unwrap_or_default(),
+        Vec::<f32>::try_from(&lp).unwrap_or_default(),
+    )
+}
+
+/// Left-pads sequences so they end at the same column: returns ids [B, T] and
+/// the validity mask [B, T] (as i64 0/1).
+pub fn pad_left(seqs: &[Vec<i64>], pad: i64) -> (Tensor, Tensor) {
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(seqs.len() * t);
+    let mut mask = Vec::with_capacity(seqs.len() * t);
+    for s in seqs {
+        ids.extend(std::iter::repeat_n(pad, t - s.len()).chain(s.iter().copied()));
+        mask.extend(std::iter::repeat_n(0i64, t - s.len()).chain(std::iter::repeat_n(1, s.len())));
+    }
+    let shape = [seqs.len() as i64, t as i64];
+    (
+        Tensor::from_slice(&ids).view(shape),
+        Tensor::from_slice(&mask).view(shape),
+    )
+}
+
+/// Right-pads sequences (training batches) to the longest length rounded up
+/// to `multiple` (few distinct shapes keep oneDNN's kernel cache warm): ids
+/// [B, T] and mask [B, T].
+pub fn pad_right_to(seqs: &[Vec<i64>], pad: i64, multiple: usize) -> (Tensor, Tensor) {
+    let t = seqs
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(multiple.max(1));
+    let mut ids = Vec::with_capacity(seqs.len() * t);
+    let mut mask = Vec::with_capacity(seqs.len() * t);
+    for s in seqs {
+        ids.extend(
+            s.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, t - s.len())),
+        );
+        mask.extend(std::iter::repeat_n(1i64, s.len()).chain(std::iter::repeat_n(0, t - s.len())));
+    }
+    let shape = [seqs.len() as i64, t as i64];
+    (
+        Tensor::from_slice(&ids).view(shape),
+        Tensor::from_slice(&mask).view(shape),
+    )
+}
+
+/// Right-pads to the longest sequence.
+pub fn pad_right(seqs: &[Vec<i64>], pad: i64) -> (Tensor, Tensor) {
+    pad_right_to(seqs, pad, 1)
+}

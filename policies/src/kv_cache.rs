@@ -1,0 +1,125 @@
+//! A preallocated key/value cache: one [B, kv_heads, capacity, head_dim]
+//! buffer per layer for keys and values, a validity mask over columns, and a
+//! shared write column. Sequences of a batch are left-aligned by padding, so
+//! every decode step writes one column for all of them; padded columns are
+//! masked out. Forking copies a row into several, so sequences that share a
+//! prefix (MCTS children, N samples of one prompt) never recompute it.
+
+use crate::llama::DecoderConfig;
+use tch::{Device, Kind, Tensor};
+
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// [B, capacity] bool: which written columns hold real tokens.
+    valid: Tensor,
+    /// Columns written so far (the same for every row).
+    len: i64,
+}
+
+impl KvCache {
+    pub fn new(
+        cfg: &DecoderConfig,
+        batch: i64,
+        capacity: i64,
+        kind: Kind,
+        device: Device,
+    ) -> KvCache {
+        let shape = [batch, cfg.num_kv_heads, capacity, cfg.head_dim];
+        let layers = cfg.num_layers as usize;
+        KvCache {
+            k: (0..layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect(),
+            v: (0..layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect(),
+            valid: Tensor::zeros([batch, capacity], (Kind::Bool, device)),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch(&self) -> i64 {
+        self.valid.size()[0]
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.valid.size()[1]
+    }
+
+    /// Columns still free.
+    pub fn remaining(&self) -> i64 {
+        self.capacity() - self.len
+    }
+
+    /// Marks the next `valid.size(1)` columns and returns the mask over every
+    /// column up to them.
+    pub(crate) fn append_valid(&mut self, valid: &Tensor) -> Tensor {
+        let t = valid.size()[1];
+        assert!(
+            self.len + t <= self.capacity(),
+            "KV cache overflow: {} + {t} > {}",
+            self.len,
+            self.capacity()
+        );
+        self.valid
+            .narrow(1, self.len, t)
+            .copy_(&valid.to_kind(Kind::Bool));
+        self.valid.narrow(1, 0, self.len + t)
+    }
+
+    /// Writes layer `layer`'s new keys/values at column `offset` and returns
+    /// the keys/values of every column so far.
+    pub(crate) fn write(
+        &mut self,
+        layer: usize,
+        offset: i64,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let t = k.size()[2];
+        self.k[layer].narrow(2, offset, t).copy_(k);
+        self.v[layer].narrow(2, offset, t).copy_(v);
+        (
+            self.k[layer].narrow(2, 0, offset + t),
+            self.v[layer].narrow(2, 0, offset + t),
+        )
+    }
+
+    pub(crate) fn advance(&mut self, t: i64) {
+        self.len += t;
+    }
+
+    /// A new cache whose rows are copies of `rows` of this one (repeats
+    /// allowed), with the same capacity: `fork(&[0; n])` gives n continuations
+    /// of one prefix.
+    pub fn select(&self, rows: &[i64]) -> KvCache {
+        let idx = Tensor::from_slice(rows).to_device(self.valid.device());
+        let pick = |t: &Tensor| t.index_select(0, &idx);
+        KvCache {
+            k: self.k.iter().map(pick).collect(),
+            v: self.v.iter().map(pick).collect(),
+            valid: pick(&self.valid),
+            len: self.len,
+        }
+    }
+
+    /// `n` copies of row `row`.
+    pub fn fork(&self, row: i64, n: i64) -> KvCache {
+        self.select(&vec![row; n as usize])
+    }
+
+    /// Bytes held by the buffers.
+    pub fn bytes(&self) -> i64 {
+        let per = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        self.k.iter().chain(&self.v).map(per).sum::<i64>() + per(&self.valid)
+    }
+}

@@ -1,0 +1,475 @@
+//! Tokenizers and prompt templates.
+//!
+//! One [`Tokenizer`] type serves real Hugging Face models (their
+//! `tokenizer.json`) and SynthClinic's small world (a word-level vocabulary
+//! built from the environment's texts and saved as a `tokenizer.json` too), so
+//! loading, encoding and decoding have one path. The word-level pipeline is
+//! made of the `tokenizers` crate's own components, so the saved file loads in
+//! Python's `tokenizers` / `transformers` and gives the same ids there.
+//!
+//! [`PromptTemplate`] says how a question becomes a prompt and what ends the
+//! model's turn.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::models::wordlevel::WordLevel;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+const PAD: &str = "<pad>";
+const UNK: &str = "<unk>";
+const ENDOFTEXT: &str = "<|endoftext|>";
+const IM_START: &str = "<|im_start|>";
+const IM_END: &str = "<|im_end|>";
+
+/// The word-level vocabulary starts with these, at ids 0 to 4.
+const WORD_LEVEL_SPECIALS: [&str; 5] = [PAD, UNK, ENDOFTEXT, IM_START, IM_END];
+const WORD_LEVEL_PAD_ID: u32 = 0;
+const WORD_LEVEL_EOS_ID: u32 = 2;
+
+/// Always in a word-level vocabulary whatever the texts: every ASCII
+/// whitespace character (so any run of whitespace round-trips), the blank line
+/// between steps, and ChatML's role names (so both templates encode without
+/// `<unk>` even when the texts were not rendered with them).
+const WORD_LEVEL_BASE: [&str; 10] = [
+    " ",
+    "\t",
+    "\n",
+    "\r",
+    "\x0B",
+    "\x0C",
+    "\n\n",
+    "system",
+    "user",
+    "assistant",
+];
+
+/// Word-level pieces, in order of preference: a line break (a blank line is
+/// one piece, as steps are separated by one), a word with the single space
+/// before it and any punctuation glued to it (`" mmol/L,"`, `" (B)"`,
+/// `" 2.6"`), or any other whitespace character alone. Every character falls in one piece,
+/// so concatenating the pieces gives the text back. Whitespace is spelled out
+/// (not `\s`) so Oniguruma (Python) and fancy-regex (Rust) split identically.
+const WORD_PATTERN: &str = r"\n\n?| ?[^ \t\n\r\x0B\x0C]+|[ \t\r\x0B\x0C]";
+
+/// Tried in order when no `tokenizer_config.json` names the EOS token.
+const EOS_CANDIDATES: [&str; 4] = [ENDOFTEXT, IM_END, "</s>", "<eos>"];
+
+/// What went wrong, naming the file and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(
+        "cannot read tokenizer file {path}: {source}; check the path (a model folder holds \
+         tokenizer.json; SynthClinic's is written with Tokenizer::word_level(..).save(..))"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not JSON ({source}); expected a Hugging Face tokenizer.json \
+         (the file shipped with the model, not tokenizer.model or vocab.txt)"
+    )]
+    NotJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path} is JSON but not a tokenizer the `tokenizers` crate can load ({message}); \
+         expected a Hugging Face tokenizer.json: re-save it with a recent `tokenizers` \
+         (Tokenizer.from_file(..).save(..) in Python)"
+    )]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(
+        "no EOS token for {path}: no tokenizer_config.json beside it names `eos_token`, and \
+         none of {candidates} is an added token; write a tokenizer_config.json next to it \
+         with {{\"eos_token\": \"...\"}}",
+        candidates = EOS_CANDIDATES.join(", ")
+    )]
+    NoEos { path: PathBuf },
+    #[error("cannot write tokenizer to {path}: {source}; check the folder exists and is writable")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("encoding failed: {0}")]
+    Encode(String),
+    #[error(
+        "token id {id} is outside the vocabulary (0..{vocab_size}); mask logits at and beyond \
+         vocab_size before sampling"
+    )]
+    BadId { id: i64, vocab_size: usize },
+    #[error("decoding failed: {0}")]
+    Decode(String),
+}
+
+/// A `tokenizers` tokenizer with its EOS and PAD ids resolved once.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    eos: u32,
+    pad: u32,
+    vocab_size: usize,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`. EOS and PAD come from a `tokenizer_config.json`
+    /// beside it when it names them (`eos_token` / `pad_token`, a string or
+    /// `{"content": ...}`); else EOS is the first added token among
+    /// `<|endoftext|>`, `<|im_end|>`, `</s>`, `<eos>`, and PAD is `<pad>` when
+    /// that is an added token, else EOS (padding is masked, so any id serves;
+    /// Qwen2 pads with `<|endoftext|>` too). No EOS is an error: generation
+    /// would never stop. Truncation and padding stored in the file are
+    /// switched off, so `encode` always returns every token of the text.
+    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
+        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+            match e.downcast::<serde_json::Error>() {
+                Ok(json) if json.is_syntax() || json.is_eof() => TokenizerError::NotJson {
+                    path: path.to_path_buf(),
+                    source: *json,
+                },
+                Ok(json) => TokenizerError::Invalid {
+                    path: path.to_path_buf(),
+                    message: json.to_string(),
+                },
+                Err(other) => TokenizerError::Invalid {
+                    path: path.to_path_buf(),
+                    message: other.to_string(),
+                },
+            }
+        })?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| TokenizerError::Invalid {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+
+        let config = SpecialConfig::beside(path)?;
+        let added: HashMap<String, u32> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, token)| (token.content, id))
+            .collect();
+        let first_added =
+            |candidates: &[&str]| candidates.iter().find_map(|&c| added.get(c).copied());
+        let eos = match config.named(&inner, "eos_token")? {
+            Some(id) => id,
+            None => first_added(&EOS_CANDIDATES).ok_or_else(|| TokenizerError::NoEos {
+                path: path.to_path_buf(),
+            })?,
+        };
+        let pad = match config.named(&inner, "pad_token")? {
+            Some(id) => id,
+            None => first_added(&[PAD]).unwrap_or(eos),
+        };
+        Ok(Self::with_specials(inner, eos, pad))
+    }
+
+    /// A word-level tokenizer over the words of `texts` (SynthClinic's): a
+    /// word is whitespace-delimited, keeps the single space before it and any
+    /// punctuation glued to it, so a prompt costs one token per word and one
+    /// per line break. Lossless: `decode(encode(t)) == t` for any text made of
+    /// known words and any whitespace. Words seen fewer than `min_count` times
+    /// map to `<unk>`. Ids: `<pad>` 0, `<unk>` 1, `<|endoftext|>` 2 (EOS),
+    /// `<|im_start|>` 3, `<|im_end|>` 4, then words by descending count and
+    /// bytewise, so the same texts give a byte-identical `tokenizer.json`.
+    /// `<unk>` is not a special token, so decoding shows where text was lost.
+    pub fn word_level<'a>(texts: impl IntoIterator<Item = &'a str>, min_count: usize) -> Self {
+        // Count pieces with a tokenizer that has the final pipeline, so the
+        // counted pieces are exactly what `encode` will look up: special
+        // tokens split out of the text first, then the pattern.
+        let base: Vec<String> = WORD_LEVEL_SPECIALS
+            .iter()
+            .chain(&WORD_LEVEL_BASE)
+            .map(|w| w.to_string())
+            .collect();
+        let probe = word_level_pipeline(&base);
+        let mut counts: HashMap<String, usize> =
+            WORD_LEVEL_BASE.iter().map(|w| (w.to_string(), 0)).collect();
+        for text in texts {
+            let encoding = probe
+                .encode(text, false)
+                .expect("word-level encoding cannot fail: <unk> is in the vocabulary");
+            for &(start, end) in encoding.get_offsets() {
+                let Some(piece) = text.get(start..end) else {
+                    continue;
+                };
+                match counts.get_mut(piece) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(piece.to_string(), 1);
+                    }
+                }
+            }
+        }
+        let mut words: Vec<(String, usize)> = counts
+            .into_iter()
+            .filter(|(w, n)| {
+                !WORD_LEVEL_SPECIALS.contains(&w.as_str())
+                    && (*n >= min_count || WORD_LEVEL_BASE.contains(&w.as_str()))
+            })
+            .collect();
+        words.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let vocab: Vec<String> = WORD_LEVEL_SPECIALS
+            .iter()
+            .map(|w| w.to_string())
+            .chain(words.into_iter().map(|(w, _)| w))
+            .collect();
+        Self::with_specials(
+            word_level_pipeline(&vocab),
+            WORD_LEVEL_EOS_ID,
+            WORD_LEVEL_PAD_ID,
+        )
+    }
+
+    fn with_specials(inner: tokenizers::Tokenizer, eos: u32, pad: u32) -> Self {
+        // One past the largest id: the rows an embedding needs, even if ids have gaps.
+        let vocab_size = inner
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .map_or(0, |id| id as usize + 1);
+        Tokenizer {
+            inner,
+            eos,
+            pad,
+            vocab_size,
+        }
+    }
+
+    /// Writes `tokenizer.json` (pretty, as Python's `tokenizers` saves it) via
+    /// a temporary sibling, fsynced and renamed, so a crash never leaves a
+    /// half-written file where a run will look for it.
+    pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
+        let err = |source| TokenizerError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        medzero_envs::atomic::write(path, json.as_bytes()).map_err(err)
+    }
+
+    /// Token ids of `text`; no BOS or EOS is added.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    /// The text of `ids`, special tokens skipped. An id outside the
+    /// vocabulary is an error rather than silently dropped (as `tokenizers`
+    /// does): it means logits beyond the vocabulary were not masked.
+    pub fn decode(&self, ids: &[i64]) -> Result<String, TokenizerError> {
+        let ids = ids
+            .iter()
+            .map(|&id| {
+                u32::try_from(id)
+                    .ok()
+                    .filter(|&u| (u as usize) < self.vocab_size)
+                    .ok_or(TokenizerError::BadId {
+                        id,
+                        vocab_size: self.vocab_size,
+                    })
+            })
+            .collect::<Result<Vec<u32>, _>>()?;
+        self.inner
+            .decode(&ids, true)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
+    /// One past the largest token id, added tokens included: the number of
+    /// embedding rows a model needs (the token count when ids are contiguous).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn eos_id(&self) -> i64 {
+        i64::from(self.eos)
+    }
+
+    pub fn pad_id(&self) -> i64 {
+        i64::from(self.pad)
+    }
+
+    /// The id of a token as spelled in the vocabulary (e.g. `"<|im_end|>"`).
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+}
+
+/// The word-level tokenizer over `vocab` (ids in order): the piece pattern,
+/// a WordLevel model, and a Fuse decoder that concatenates pieces unchanged.
+fn word_level_pipeline(vocab: &[String]) -> tokenizers::Tokenizer {
+    let model = WordLevel::builder()
+        .vocab(
+            vocab
+                .iter()
+                .zip(0u32..)
+                .map(|(w, id)| (w.clone(), id))
+                .collect(),
+        )
+        .unk_token(UNK.to_string())
+        .build()
+        .expect("a WordLevel model built from an in-memory vocabulary cannot fail");
+    let split = Split::new(
+        SplitPattern::Regex(WORD_PATTERN.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .expect("WORD_PATTERN is a valid regex");
+    let mut tokenizer = tokenizers::Tokenizer::new(model);
+    tokenizer
+        .with_pre_tokenizer(Some(split))
+        .with_decoder(Some(Fuse::new()));
+    let specials: Vec<AddedToken> = [PAD, ENDOFTEXT, IM_START, IM_END]
+        .into_iter()
+        .map(|t| AddedToken::from(t, true))
+        .collect();
+    tokenizer.add_special_tokens(&specials);
+    tokenizer
+}
+
+/// `tokenizer_config.json` beside a `tokenizer.json`, if there is one.
+struct SpecialConfig {
+    path: PathBuf,
+    json: Option<Value>,
+}
+
+impl SpecialConfig {
+    fn beside(tokenizer_json: &Path) -> Result<Self, TokenizerError> {
+        let path = tokenizer_json.with_file_name("tokenizer_config.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(SpecialConfig { path, json: None });
+            }
+            Err(e) => {
+                return Err(TokenizerError::Config {
+                    message: format!("cannot read it ({e}); fix its permissions or remove it"),
+                    path,
+                });
+            }
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(json) => Ok(SpecialConfig {
+                path,
+                json: Some(json),
+            }),
+            Err(e) => Err(TokenizerError::Config {
+                message: format!(
+                    "not valid JSON ({e}); fix it or remove it to fall back to the usual EOS tokens"
+                ),
+                path,
+            }),
+        }
+    }
+
+    /// The id of the token the config names in `field`, if it names one.
+    fn named(
+        &self,
+        tokenizer: &tokenizers::Tokenizer,
+        field: &str,
+    ) -> Result<Option<u32>, TokenizerError> {
+        let bad = |message: String| TokenizerError::Config {
+            path: self.path.clone(),
+            message,
+        };
+        let name = match self.json.as_ref().and_then(|j| j.get(field)) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(s)) => s,
+            Some(Value::Object(o)) => match o.get("content") {
+                Some(Value::String(s)) => s,
+                _ => {
+                    return Err(bad(format!(
+                        "`{field}` is an object without a string \"content\"; write \
+                         \"{field}\": \"<token>\""
+                    )));
+                }
+            },
+            Some(other) => {
+                return Err(bad(format!(
+                    "`{field}` is {other}, not a token; write \"{field}\": \"<token>\""
+                )));
+            }
+        };
+        tokenizer.token_to_id(name).map(Some).ok_or_else(|| {
+            bad(format!(
+                "`{field}` is {name:?}, which is not in the tokenizer.json beside it; \
+                 fix `{field}` or use the tokenizer.json this config belongs with"
+            ))
+        })
+    }
+}
+
+/// How a question becomes a prompt, and where the model's completion begins
+/// (right after the rendered prompt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptTemplate {
+    /// The question, then a blank line: for base models and SynthClinic.
+    Plain,
+    /// ChatML as Qwen2 renders one user turn with the generation prompt.
+    ChatMl,
+}
+
+impl PromptTemplate {
+    /// Plain: `"{user}\n\n"`. ChatML:
+    /// `"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"`, which
+    /// is Qwen2's chat template minus the system turn it inserts by default
+    /// ("You are a helpful assistant."); use [`Self::render_with_system`] to
+    /// reproduce that exactly.
+    pub fn render(&self, user: &str) -> String {
+        match self {
+            PromptTemplate::Plain => format!("{user}\n\n"),
+            PromptTemplate::ChatMl => {
+                format!("{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n")
+            }
+        }
+    }
+
+    /// As [`Self::render`], after a system message: Plain puts it first,
+    /// followed by a blank line; ChatML gives it its own `system` turn.
+    pub fn render_with_system(&self, system: &str, user: &str) -> String {
+        match self {
+            PromptTemplate::Plain => format!("{system}\n\n{}", self.render(user)),
+            PromptTemplate::ChatMl => {
+                format!("{IM_START}system\n{system}{IM_END}\n{}", self.render(user))
+            }
+        }
+    }
+
+    /// The token text that ends an assistant turn: generation stops there and
+    /// SFT targets end with it.
+    pub fn end_of_turn(&self) -> &'static str {
+        match self {
+            PromptTemplate::Plain => ENDOFTEXT,
+            PromptTemplate::ChatMl => IM_END,
+        }
+    }
+}
+
+impl Tokenizer {
+    /// The token that ends an assistant turn under `template` (`<|im_end|>`
+    /// for ChatML), or EOS when the vocabulary lacks it: what completions are
+    /// trained to end with and what generation stops at.
+    pub fn end_of_turn_id(&self, template: PromptTemplate) -> i64 {
+        self.token_id(template.end_of_turn())
+            .unwrap_or(self.eos_id())
+    }
+}
