@@ -277,7 +277,7 @@ fn run_baselines(ctx: &mut StageCtx) -> Result<Vec<Row>> {
 
 /// The base student: an HF model folder, or a fresh decoder over SynthClinic's
 /// word-level vocabulary (every word of the world's texts).
-fn base_student(cfg: &Config, world: &SynthClinic) -> Result<Policy> {
+pub fn base_student(cfg: &Config, world: &SynthClinic) -> Result<Policy> {
     let device = tch::Device::Cpu;
     if !cfg.student.from.is_empty() {
         return Ok(Policy::load(

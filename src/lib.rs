@@ -3,6 +3,7 @@
 //! compose the envs, policies and rewards crates; `medzero` is its CLI.
 
 pub mod baselines;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;

@@ -40,6 +40,18 @@ enum Command {
     Generate(GenerateArgs),
     /// Score a model (a folder, or a run whose last trained model is used) on a data file.
     Eval(EvalArgs),
+    /// Throughput of the hot paths, side by side with transformers / PyTorch.
+    Bench {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Skip the transformers / PyTorch side.
+        #[arg(long)]
+        no_peer: bool,
+        /// CPU threads for both sides (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 #[derive(Args)]
@@ -196,6 +208,26 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => generate(&a),
         Command::Eval(a) => eval(&a),
+        Command::Bench {
+            json,
+            no_peer,
+            threads,
+        } => {
+            let mut cfg = medzero::bench::BenchConfig {
+                peer: !no_peer,
+                ..Default::default()
+            };
+            if let Some(t) = threads {
+                cfg.threads = t;
+            }
+            let report = medzero::bench::run(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.to_markdown());
+            }
+            Ok(())
+        }
     }
 }
 

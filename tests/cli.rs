@@ -283,6 +283,19 @@ fn config_errors_are_clear_and_exit_non_zero() {
     std::fs::write(&cfg, "[run\n").unwrap();
     let o = medzero(&["run", cfg.to_str().unwrap()]);
     assert!(stderr(&o).contains("not valid TOML"), "{}", stderr(&o));
+    let o = medzero(&["generate", "--model", "no-such-model", "--prompt", "hi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no-such-model/config.json") && !stderr(&o).contains("panicked"),
+        "{}",
+        stderr(&o)
+    );
+    let o = medzero(&["eval", "no-such-run", "--data", "x.json"]);
+    assert!(
+        stderr(&o).contains("neither a model folder"),
+        "{}",
+        stderr(&o)
+    );
     let o = medzero(&["run", "--set", "data.eval_files=[\"nope.json\"]"]);
     assert!(
         stderr(&o).contains("nope.json does not exist"),

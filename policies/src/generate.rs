@@ -24,6 +24,8 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Tokens that end a sequence besides EOS (a template's end of turn).
     pub stop_token_ids: Vec<i64>,
+    /// Generate exactly `max_new_tokens` (benchmarks): EOS and stops ignored.
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -35,6 +37,7 @@ impl Default for SamplingParams {
             top_k: 0,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

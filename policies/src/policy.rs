@@ -324,6 +324,9 @@ impl Policy {
     ) -> bool {
         g.tokens.push(token);
         g.logprobs.push(logprob);
+        if params.ignore_eos {
+            return false;
+        }
         if self.ends(token, params) {
             g.finish = Finish::Eos;
         } else if let Some(s) = self.stop_hit(&g.tokens, &params.stop) {

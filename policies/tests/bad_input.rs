@@ -1,0 +1,166 @@
+//! Bad model folders and bad requests are clear errors, never panics.
+
+use medzero_policies::llama::{Arch, DType, DecoderConfig};
+use medzero_policies::tokenizer::Tokenizer;
+use medzero_policies::{Policy, SamplingParams};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+use tch::Device;
+
+fn config(vocab: usize, eos: i64) -> DecoderConfig {
+    DecoderConfig {
+        arch: Arch::Llama,
+        vocab_size: vocab as i64,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_layers: 1,
+        num_heads: 2,
+        num_kv_heads: 2,
+        head_dim: 8,
+        max_position_embeddings: 24,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_llama3: None,
+        tie_word_embeddings: false,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        bos_token_id: None,
+        eos_token_ids: vec![eos],
+        dtype: DType::F32,
+    }
+}
+
+fn saved(dir: &Path) -> Policy {
+    let tok = Tokenizer::word_level(["alpha beta gamma delta epsilon"], 1);
+    let cfg = config(tok.vocab_size(), tok.eos_id());
+    let p = Policy::new_random(&cfg, tok, Device::Cpu, 1).unwrap();
+    p.save(dir).unwrap();
+    p
+}
+
+fn load_err(dir: &Path) -> String {
+    match Policy::load(dir, Device::Cpu, None) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+#[test]
+fn missing_weights_names_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("no model.safetensors") && err.contains(&tmp.path().display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn mismatched_names_and_shapes_are_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    edit_config(tmp.path(), |v| v["intermediate_size"] = 48.into());
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("wrong shape")
+            && err.contains("mlp.down_proj.weight: file [16, 32], model [16, 48]"),
+        "{err}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    edit_config(tmp.path(), |v| v["num_hidden_layers"] = 2.into());
+    let err = load_err(tmp.path());
+    assert!(err.contains("missing model.layers.1."), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    edit_config(tmp.path(), |v| v["attention_bias"] = true.into());
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("missing") && err.contains("self_attn.k_proj.bias"),
+        "{err}"
+    );
+}
+
+#[test]
+fn garbage_weights_and_config_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    std::fs::write(
+        tmp.path().join("model.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("model.safetensors: not a safetensors file"),
+        "{err}"
+    );
+    std::fs::write(tmp.path().join("config.json"), b"{").unwrap();
+    let err = load_err(tmp.path());
+    assert!(err.contains("config.json: not a valid HF config"), "{err}");
+}
+
+#[test]
+fn unsupported_architecture_says_what_is_supported() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    edit_config(tmp.path(), |v| v["model_type"] = "gpt2".into());
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("unsupported model") && err.contains("\"gpt2\"") && err.contains("llama"),
+        "{err}"
+    );
+    edit_config(tmp.path(), |v| {
+        v["model_type"] = "llama".into();
+        v["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    });
+    let err = load_err(tmp.path());
+    assert!(err.contains("rope type \"yarn\""), "{err}");
+}
+
+#[test]
+fn a_tokenizer_that_does_not_fit_the_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    let big = Tokenizer::word_level(
+        ["one two three four five six seven eight nine ten eleven twelve"],
+        1,
+    );
+    big.save(&tmp.path().join("tokenizer.json")).unwrap();
+    let err = load_err(tmp.path());
+    assert!(err.contains("do not belong together"), "{err}");
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
+    let err = load_err(tmp.path());
+    assert!(err.contains("tokenizer.json"), "{err}");
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = saved(tmp.path());
+    let prompt = vec![3i64; 20];
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let err = p
+        .generate(&[prompt], &SamplingParams::greedy(8), &mut rng)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("prompt of 20 tokens plus 8 new tokens exceeds the model's context of 24"),
+        "{err}"
+    );
+}

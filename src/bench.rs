@@ -1,0 +1,344 @@
+//! `medzero bench`: throughput of the hot paths, side by side with HF
+//! transformers / PyTorch on the same checkpoint, the same CPU threads and the
+//! same shapes, in one run, stamped with device, threads, dtype and versions.
+
+use crate::config::Config;
+use crate::experiment::base_student;
+use crate::sft::completion_nll_sum;
+use anyhow::{Context, Result, bail};
+use medzero_envs::synthclinic::SynthClinic;
+use medzero_policies::device::DeviceInfo;
+use medzero_policies::generate::pad_right;
+use medzero_policies::optim::{AdamW, AdamWConfig};
+use medzero_policies::{Policy, SamplingParams};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const PEER_SCRIPT: &str = include_str!("../tests/support/bench_peer.py");
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchConfig {
+    pub threads: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub batches: Vec<usize>,
+    /// Continuations of one prompt in the prefix-reuse benchmark.
+    pub samples: usize,
+    pub prefix_len: usize,
+    pub train_batch: usize,
+    pub train_len: usize,
+    pub train_steps: usize,
+    pub repeats: usize,
+    /// Run the transformers / PyTorch side too.
+    pub peer: bool,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            prompt_len: 64,
+            new_tokens: 64,
+            batches: vec![1, 32],
+            samples: 16,
+            prefix_len: 256,
+            train_batch: 32,
+            train_len: 64,
+            train_steps: 5,
+            repeats: 3,
+            peer: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub name: String,
+    pub unit: String,
+    pub medzero: f64,
+    pub peer: Option<f64>,
+    /// medzero / peer.
+    pub ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub stamp: String,
+    pub model: String,
+    pub dtype: String,
+    pub peer_versions: Option<String>,
+    pub rows: Vec<BenchRow>,
+}
+
+impl BenchReport {
+    pub fn to_markdown(&self) -> String {
+        let mut s = format!(
+            "{}\nmodel: {}, dtype {}{}\n\n| benchmark | unit | medzero | peer | ratio |\n|---|---|---|---|---|\n",
+            self.stamp,
+            self.model,
+            self.dtype,
+            self.peer_versions
+                .as_ref()
+                .map(|v| format!(", peer: {v}"))
+                .unwrap_or_default()
+        );
+        for r in &self.rows {
+            let peer = r
+                .peer
+                .map(|p| format!("{p:.0}"))
+                .unwrap_or_else(|| "-".into());
+            let ratio = r
+                .ratio
+                .map(|x| format!("{x:.2}x"))
+                .unwrap_or_else(|| "-".into());
+            s.push_str(&format!(
+                "| {} | {} | {:.0} | {peer} | {ratio} |\n",
+                r.name, r.unit, r.medzero
+            ));
+        }
+        s
+    }
+}
+
+/// The fastest of `repeats` timed runs after one warm-up, in seconds.
+fn best<F: FnMut() -> Result<()>>(repeats: usize, mut f: F) -> Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn random_prompts(rng: &mut ChaCha8Rng, n: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
+    (0..n)
+        .map(|_| (0..len).map(|_| rng.random_range(5..vocab)).collect())
+        .collect()
+}
+
+pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
+    tch::set_num_threads(cfg.threads as i32);
+    // The quickstart's student: the model every CPU experiment trains.
+    let exp = Config::default();
+    let world = SynthClinic::generate(&exp.data.synthclinic)?;
+    let policy = base_student(&exp, &world)?;
+    let c = policy.config();
+    let model = format!(
+        "{:?} hidden {} x {} layers, {} heads ({} kv), vocab {}, {} parameters",
+        c.arch,
+        c.hidden_size,
+        c.num_layers,
+        c.num_heads,
+        c.num_kv_heads,
+        c.vocab_size,
+        c.num_parameters()
+    );
+    let vocab = policy.tokenizer.vocab_size() as i64;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let greedy = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(cfg.new_tokens)
+    };
+    let mut rows: Vec<BenchRow> = Vec::new();
+    let row = |name: String, unit: &str, medzero: f64| BenchRow {
+        name,
+        unit: unit.into(),
+        medzero,
+        peer: None,
+        ratio: None,
+    };
+
+    for &b in &cfg.batches {
+        let prompts = random_prompts(&mut rng, b, cfg.prompt_len, vocab);
+        let mut r = ChaCha8Rng::seed_from_u64(1);
+        let secs = best(cfg.repeats, || {
+            Ok(policy.generate(&prompts, &greedy, &mut r).map(|_| ())?)
+        })?;
+        rows.push(row(
+            format!("decode batch {b}, KV cache"),
+            "tokens/s",
+            (b * cfg.new_tokens) as f64 / secs,
+        ));
+        let secs = best(1, || {
+            Ok(policy
+                .generate_uncached(&prompts, &greedy, &mut r)
+                .map(|_| ())?)
+        })?;
+        rows.push(row(
+            format!("decode batch {b}, no cache"),
+            "tokens/s",
+            (b * cfg.new_tokens) as f64 / secs,
+        ));
+    }
+
+    // N continuations of one long prompt: prefill once and fork, against
+    // prefilling the same prompt N times.
+    let prompt = random_prompts(&mut rng, 1, cfg.prefix_len, vocab).remove(0);
+    let short = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(16)
+    };
+    let n = cfg.samples;
+    let mut r = ChaCha8Rng::seed_from_u64(2);
+    let forked = best(cfg.repeats, || {
+        let (cache, logits, pos) =
+            policy.prefill(std::slice::from_ref(&prompt), short.max_new_tokens)?;
+        let mut many = cache.fork(0, n as i64);
+        policy.decode(
+            &mut many,
+            logits.repeat([n as i64, 1]),
+            pos.repeat([n as i64]),
+            &short,
+            &mut r,
+        );
+        Ok(())
+    })?;
+    let copies = vec![prompt.clone(); n];
+    let recomputed = best(cfg.repeats, || {
+        Ok(policy.generate(&copies, &short, &mut r).map(|_| ())?)
+    })?;
+    let per_s = |secs: f64| n as f64 / secs;
+    // The peer column here is medzero without reuse: transformers has no fork.
+    rows.push(BenchRow {
+        name: format!(
+            "{n} samples of a {}-token prompt, forked prefix (peer: recomputed)",
+            cfg.prefix_len
+        ),
+        unit: "samples/s".into(),
+        medzero: per_s(forked),
+        peer: Some(per_s(recomputed)),
+        ratio: Some(recomputed / forked),
+    });
+
+    // Learner: one SFT optimizer step (forward, backward, clip, AdamW).
+    let seqs = random_prompts(&mut rng, cfg.train_batch, cfg.train_len, vocab);
+    let (ids, mask) = pad_right(&seqs, 0);
+    let targets = mask.ones_like();
+    let mut opt = AdamW::new(
+        policy.named_parameters(),
+        AdamWConfig {
+            lr: 1e-4,
+            ..Default::default()
+        },
+        AdamW::default_decay,
+    )?;
+    let secs = best(cfg.repeats, || {
+        for _ in 0..cfg.train_steps {
+            let loss = completion_nll_sum(&policy, &ids, &mask, &targets)
+                / (cfg.train_batch * (cfg.train_len - 1)) as f64;
+            loss.backward();
+            opt.clip_grad_norm(1.0);
+            opt.step(1e-4);
+            opt.zero_grad();
+        }
+        Ok(())
+    })?;
+    rows.push(BenchRow {
+        name: format!(
+            "SFT step, batch {} x {} tokens",
+            cfg.train_batch, cfg.train_len
+        ),
+        unit: "tokens/s".into(),
+        medzero: (cfg.train_steps * cfg.train_batch * cfg.train_len) as f64 / secs,
+        peer: None,
+        ratio: None,
+    });
+
+    let mut peer_versions = None;
+    if cfg.peer {
+        let peer = run_peer(&policy, cfg)?;
+        peer_versions = Some(format!(
+            "torch {}, transformers {}",
+            peer["torch"].as_str().unwrap_or("?"),
+            peer["transformers"].as_str().unwrap_or("?")
+        ));
+        for r in rows.iter_mut() {
+            let key = if let Some(rest) = r.name.strip_prefix("decode batch ") {
+                let (b, kind) = rest.split_once(", ").unwrap_or_default();
+                Some(format!(
+                    "b{b}-{}",
+                    if kind == "KV cache" {
+                        "cache"
+                    } else {
+                        "nocache"
+                    }
+                ))
+            } else {
+                None
+            };
+            let value = match key {
+                Some(k) => peer["decode"][&k].as_f64(),
+                None if r.name.starts_with("SFT step") => peer["train_tokens_per_s"].as_f64(),
+                None => continue,
+            };
+            r.peer = value;
+            r.ratio = value.map(|p| r.medzero / p);
+        }
+    }
+    let stamp = format!(
+        "{}, dtype f32",
+        DeviceInfo::current(tch::Device::Cpu).stamp()
+    );
+    Ok(BenchReport {
+        stamp,
+        model,
+        dtype: "f32".into(),
+        peer_versions,
+        rows,
+    })
+}
+
+/// The project's venv interpreter, as `make setup` links and installs it.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MEDZERO_PYTHON") {
+        return p.into();
+    }
+    let linked = Path::new(".medzero/py/bin/python");
+    if linked.exists() {
+        return linked.to_path_buf();
+    }
+    let cache = std::env::var_os("MEDZERO_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/medzero")
+        });
+    cache.join("py/bin/python")
+}
+
+fn run_peer(policy: &Policy, cfg: &BenchConfig) -> Result<serde_json::Value> {
+    let tmp = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
+    let model_dir = tmp.join("model");
+    policy.save(&model_dir)?;
+    let script = tmp.join("bench_peer.py");
+    std::fs::write(&script, PEER_SCRIPT)?;
+    let spec = tmp.join("spec.json");
+    std::fs::write(&spec, serde_json::to_string(cfg)?)?;
+    let py = python();
+    eprintln!("bench: running the transformers side with {}", py.display());
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(&model_dir)
+        .arg(&spec)
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} (run `make setup`, or pass --no-peer)",
+                py.display()
+            )
+        })?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    if !out.status.success() {
+        bail!(
+            "the transformers benchmark failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
