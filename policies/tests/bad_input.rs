@@ -164,3 +164,63 @@ fn a_prompt_longer_than_the_context_is_an_error() {
         "{err}"
     );
 }
+
+/// Sharded checkpoints (`model.safetensors.index.json`) load like single
+/// files, and a bf16 load stays close to f32.
+#[test]
+fn sharded_weights_and_bf16_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = saved(tmp.path());
+    let ids = tch::Tensor::from_slice(&[3i64, 4, 5, 6]).view([1, 4]);
+    let mask = ids.ones_like();
+    let want = tch::no_grad(|| p.logits(&ids, &mask));
+
+    let sharded = tmp.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(tmp.path().join(f), sharded.join(f)).unwrap();
+    }
+    let params = p.named_parameters();
+    let (a, b) = params.split_at(params.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (i, part) in [a, b].iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        std::fs::write(
+            sharded.join(&file),
+            medzero_policies::weights::to_bytes(part, None).unwrap(),
+        )
+        .unwrap();
+        for (name, _) in part.iter() {
+            map.insert(name.clone(), file.clone().into());
+        }
+    }
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let q = Policy::load(&sharded, Device::Cpu, None).unwrap();
+    let got = tch::no_grad(|| q.logits(&ids, &mask));
+    assert_eq!(
+        Vec::<f32>::try_from(want.view([-1])).unwrap(),
+        Vec::<f32>::try_from(got.view([-1])).unwrap()
+    );
+
+    let half = Policy::load(tmp.path(), Device::Cpu, Some(DType::Bf16)).unwrap();
+    assert_eq!(half.named_parameters()[0].1.kind(), tch::Kind::BFloat16);
+    let got = tch::no_grad(|| half.logits(&ids, &mask)).to_kind(tch::Kind::Float);
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    assert!(diff < 0.05, "bf16 logits differ from f32 by {diff}");
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let g = half
+        .generate(
+            &[vec![3, 4, 5]],
+            &SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(5)
+            },
+            &mut rng,
+        )
+        .unwrap();
+    assert_eq!(g[0].tokens.len(), 5);
+}
