@@ -22,10 +22,11 @@ mkdir -p "$CACHE"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip
 "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off "${PKGS[@]}"
-"$VENV/bin/python" - <<'PY'
-import torch, os
-lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-assert os.path.exists(os.path.join(lib, "libtorch_cpu.so")), lib
+"$VENV/bin/python" - "$VENV/.medzero-torch-dir" <<'PY'
+import os, sys, torch
+torch_dir = os.path.dirname(torch.__file__)
+assert os.path.exists(os.path.join(torch_dir, "lib", "libtorch_cpu.so")), torch_dir
+open(sys.argv[1], "w").write(torch_dir)
 print("torch", torch.__version__, "ok")
 PY
 printf '%s\n' "${PKGS[@]}" > "$STAMP"
