@@ -10,5 +10,6 @@ pub mod eval;
 pub mod experiment;
 pub mod monitor;
 pub mod results;
+pub mod runtime;
 pub mod sft;
 pub mod signals;
