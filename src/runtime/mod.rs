@@ -1,4 +1,5 @@
 //! The actor/learner runtime's building blocks: versioned weight publication
-//! ([`weights`]).
+//! ([`weights`]) and the durable per-stage trajectory store ([`store`]).
 
+pub mod store;
 pub mod weights;

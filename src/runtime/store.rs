@@ -99,6 +99,7 @@ pub struct TrajectoryStore {
     unsynced: usize,
     /// Serialisation buffer, reused so an append allocates nothing new.
     line: Vec<u8>,
+    /// See [`StoreError::Poisoned`].
     poisoned: bool,
 }
 
@@ -168,8 +169,8 @@ impl TrajectoryStore {
     /// user-space buffer to lose). Returns `Ok(false)`, writing nothing, when
     /// its id is already stored: resumed work delivered twice.
     ///
-    /// If the periodic sync fails the record is still stored (and counted);
-    /// the error says its durability is in doubt.
+    /// If the periodic sync fails, the record is still stored and counted
+    /// (a retry returns `Ok(false)`), but a power loss could take it.
     pub fn append(&mut self, t: &Trajectory) -> Result<bool, StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned {
@@ -277,13 +278,9 @@ pub fn read_trajectories(
         source,
     })?;
     let mut out = Vec::new();
-    scan(
-        path,
-        &file,
-        allow_partial_tail,
-        &mut HashSet::new(),
-        |t| out.push(t),
-    )?;
+    scan(path, &file, allow_partial_tail, &mut HashSet::new(), |t| {
+        out.push(t)
+    })?;
     Ok(out)
 }
 
