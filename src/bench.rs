@@ -88,20 +88,31 @@ impl BenchReport {
                 .unwrap_or_default()
         );
         for r in &self.rows {
-            let peer = r
-                .peer
-                .map(|p| format!("{p:.0}"))
-                .unwrap_or_else(|| "-".into());
+            let peer = r.peer.map(rate).unwrap_or_else(|| "-".into());
             let ratio = r
                 .ratio
                 .map(|x| format!("{x:.2}x"))
                 .unwrap_or_else(|| "-".into());
             s.push_str(&format!(
-                "| {} | {} | {:.0} | {peer} | {ratio} |\n",
-                r.name, r.unit, r.medzero
+                "| {} | {} | {} | {peer} | {ratio} |\n",
+                r.name,
+                r.unit,
+                rate(r.medzero)
             ));
         }
         s
+    }
+}
+
+/// A rate with three significant digits below 1000, whole numbers above.
+fn rate(x: f64) -> String {
+    if x.abs() >= 1000.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     }
 }
 
@@ -251,6 +262,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         ratio: None,
     });
 
+    rows.extend(queue_rows());
+    rows.extend(runtime_rows(&policy, &world, cfg)?);
+
     let mut peer_versions = None;
     if cfg.peer {
         let peer = run_peer(&policy, cfg)?;
@@ -293,6 +307,151 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         peer_versions,
         rows,
     })
+}
+
+/// The trajectory queue against `std::sync::mpsc::sync_channel` and a
+/// `Mutex<VecDeque>`: 100k boxed 1 KB items, capacity 1024, median of 5 runs.
+fn queue_rows() -> Vec<BenchRow> {
+    use crate::runtime::queue::bench::{bench_mpsc, bench_mutex, bench_throughput};
+    const ITEMS: usize = 100_000;
+    let median = |f: fn(usize, usize, usize) -> f64, producers: usize| {
+        let mut v: Vec<f64> = (0..5).map(|_| f(producers, ITEMS, 1024)).collect();
+        v.sort_by(f64::total_cmp);
+        v[2]
+    };
+    let mut rows = Vec::new();
+    for producers in [1, 4] {
+        let ours = median(bench_throughput, producers);
+        for (peer_name, peer) in [
+            ("mpsc sync_channel", median(bench_mpsc, producers)),
+            ("Mutex<VecDeque>", median(bench_mutex, producers)),
+        ] {
+            rows.push(BenchRow {
+                name: format!("trajectory queue, {producers} producer(s) (peer: {peer_name})"),
+                unit: "items/s".into(),
+                medzero: ours,
+                peer: Some(peer),
+                ratio: Some(ours / peer),
+            });
+        }
+    }
+    rows
+}
+
+/// Whole online stages on the bench student: the sampling rollout (4 samples
+/// of 32 tokens per problem) through actors, queue, store and an SFT learner
+/// training on every trajectory. Compares one actor with all threads against
+/// two single-threaded actors, and overlapped (async) against rounds (sync).
+fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    use crate::runtime::learner::{self, LearnerConfig, Mode, Online, RuntimeConfig};
+    use crate::sampling::{Sampler, SamplingConfig};
+    use crate::sft::TrajectorySft;
+    use medzero_policies::tokenizer::PromptTemplate;
+    use std::sync::atomic::AtomicBool;
+
+    let root = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
+    let model_dir = root.join("model");
+    policy.save(&model_dir)?;
+    let problems = &world.train[..64.min(world.train.len())];
+    let template = PromptTemplate::Plain;
+    let prompts = problems
+        .iter()
+        .map(|p| {
+            Ok((
+                p.id.clone(),
+                policy
+                    .tokenizer
+                    .encode(&template.render(&p.prompt_text()))?,
+            ))
+        })
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let rollout = Sampler {
+        cfg: SamplingConfig {
+            samples: 4,
+            max_new_tokens: 32,
+            ..SamplingConfig::default()
+        },
+        template,
+        reward: medzero_rewards::RuleVerifier,
+    };
+    let build = || Ok(Policy::load(&model_dir, tch::Device::Cpu, None)?);
+    let threads = cfg.threads.max(1);
+    let setups = [
+        ("deterministic", Mode::Deterministic, 1, threads),
+        ("sync", Mode::Sync, 2, 1),
+        ("async", Mode::Async, 2, 1),
+    ];
+    let mut rates = Vec::new();
+    for (k, (name, mode, actors, actor_threads)) in setups.into_iter().enumerate() {
+        let dir = root.join(format!("{k}-{name}"));
+        let learner_policy = build()?;
+        let mut objective = TrajectorySft {
+            prompts: prompts.clone(),
+            min_reward: 0.0,
+            importance_clip: 0.0,
+            max_len: 512,
+        };
+        let t = Instant::now();
+        let report = learner::run(Online {
+            name,
+            dir: &dir,
+            problems,
+            rollout: &rollout,
+            objective: &mut objective,
+            policy: &learner_policy,
+            build_actor_policy: &build,
+            runtime: &RuntimeConfig {
+                mode,
+                actors,
+                actor_threads,
+                learner_threads: threads,
+                round_size: 16,
+                max_policy_lag: u64::MAX,
+                ..RuntimeConfig::default()
+            },
+            learner: &LearnerConfig {
+                batch_size: 16,
+                checkpoint_every: 1000,
+                ..LearnerConfig::default()
+            },
+            seed: 0,
+            metrics: &mut crate::monitor::Null,
+            stop: &AtomicBool::new(false),
+        })?;
+        let secs = t.elapsed().as_secs_f64();
+        rates.push((
+            format!("{name}, {actors} actor(s) x {actor_threads} thread(s)"),
+            problems.len() as f64 / secs,
+            report.counters.generated_tokens as f64 / secs,
+        ));
+    }
+    std::fs::remove_dir_all(&root).ok();
+    tch::set_num_threads(cfg.threads as i32);
+    let mut rows: Vec<BenchRow> = rates
+        .iter()
+        .map(|(name, per_s, _)| BenchRow {
+            name: format!("online stage end to end: {name}"),
+            unit: "problems/s".into(),
+            medzero: *per_s,
+            peer: None,
+            ratio: None,
+        })
+        .collect();
+    rows.push(BenchRow {
+        name: format!("2 actors x 1 thread (sync) (peer: 1 actor x {threads} threads)"),
+        unit: "problems/s".into(),
+        medzero: rates[1].1,
+        peer: Some(rates[0].1),
+        ratio: Some(rates[1].1 / rates[0].1),
+    });
+    rows.push(BenchRow {
+        name: "async (peer: sync), 2 actors".into(),
+        unit: "problems/s".into(),
+        medzero: rates[2].1,
+        peer: Some(rates[1].1),
+        ratio: Some(rates[2].1 / rates[1].1),
+    });
+    Ok(rows)
 }
 
 /// The project's venv interpreter, as `make setup` links and installs it.

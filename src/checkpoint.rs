@@ -31,6 +31,9 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     /// Wall time spent training before this checkpoint.
     pub elapsed_s: f64,
+    /// Whatever else a loop must carry across a resume (an online stage's counters).
+    #[serde(default)]
+    pub extra: serde_json::Value,
 }
 
 pub struct Checkpoints {
@@ -66,7 +69,16 @@ impl Checkpoints {
     }
 
     pub fn save(&self, policy: &Policy, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
-        let name = format!("step-{:06}", state.step);
+        // A second save at the same step (a stop right after a checkpoint)
+        // gets its own folder: replacing the one `latest` names would leave a
+        // window in which `latest` points at nothing.
+        let mut name = format!("step-{:06}", state.step);
+        for k in 1.. {
+            if !self.dir.join(&name).exists() {
+                break;
+            }
+            name = format!("step-{:06}.{k:03}", state.step);
+        }
         let tmp = self.dir.join(format!(".tmp-{name}"));
         let dest = self.dir.join(&name);
         if tmp.exists() {
@@ -81,9 +93,6 @@ impl Checkpoints {
             &tmp.join("trainer_state.json"),
             serde_json::to_string_pretty(state)?.as_bytes(),
         )?;
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest)?;
-        }
         std::fs::rename(&tmp, &dest)
             .with_context(|| format!("renaming {} into place", tmp.display()))?;
         std::fs::File::open(&self.dir)?.sync_all()?;

@@ -165,6 +165,8 @@ pub enum Stage {
     /// Answer-only distillation: SFT on the teacher's answers without
     /// reasoning (the classic-KD baseline of the papers).
     DistillAnswers(TrainStage),
+    /// Rejection-sampling fine-tuning on the actor/learner runtime.
+    RejectionSampling(crate::rejection_sampling::RejectionSamplingStage),
     /// Greedy and sampled accuracy of trained models on the test split.
     Eval(EvalStage),
 }
@@ -175,6 +177,7 @@ impl Stage {
             Stage::Baselines(_) => "baselines",
             Stage::Pretrain(_) => "pretrain",
             Stage::DistillAnswers(_) => "distill_answers",
+            Stage::RejectionSampling(_) => "rejection_sampling",
             Stage::Eval(_) => "eval",
         }
     }
@@ -182,6 +185,7 @@ impl Stage {
         let named = match self {
             Stage::Baselines(s) => &s.name,
             Stage::Pretrain(s) | Stage::DistillAnswers(s) => &s.name,
+            Stage::RejectionSampling(s) => &s.name,
             Stage::Eval(s) => &s.name,
         };
         named.as_deref().unwrap_or(self.kind())
@@ -268,6 +272,27 @@ impl Config {
         }
         let mut names = std::collections::BTreeSet::new();
         for s in &self.stages {
+            if let Stage::RejectionSampling(r) = s {
+                r.validate()
+                    .with_context(|| format!("stage {:?}", s.name()))?;
+                if !names.contains(r.init.as_str()) {
+                    bail!(
+                        "stage {:?}: init = {:?} names no earlier stage",
+                        s.name(),
+                        r.init
+                    );
+                }
+                if self.run.deterministic
+                    && r.runtime.mode != crate::runtime::learner::Mode::Deterministic
+                {
+                    bail!(
+                        "stage {:?}: run.deterministic is true but runtime.mode is {:?}; \
+                         set runtime.mode = \"deterministic\" or run.deterministic = false",
+                        s.name(),
+                        r.runtime.mode
+                    );
+                }
+            }
             if !names.insert(s.name()) {
                 bail!(
                     "two stages are named {:?}; give one a distinct `name`",

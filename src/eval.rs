@@ -114,17 +114,7 @@ pub fn evaluate(
         if cfg.samples > 0 {
             // All N samples of a prompt share its prefill through a forked cache.
             for (p, prompt) in chunk.iter().zip(&prompts) {
-                let (cache, logits, pos) =
-                    policy.prefill(std::slice::from_ref(prompt), cfg.max_new_tokens)?;
-                let n = cfg.samples as i64;
-                let mut forked = cache.fork(0, n);
-                let outs = policy.decode(
-                    &mut forked,
-                    logits.repeat([n, 1]),
-                    pos.repeat([n]),
-                    &sampled,
-                    rng,
-                );
+                let outs = policy.sample_n(prompt, cfg.samples, &sampled, rng)?;
                 let texts: Vec<String> = outs.iter().map(|g| g.text.clone()).collect();
                 tokens += outs.iter().map(|g| g.tokens.len() as u64).sum::<u64>();
                 sample_hits += texts

@@ -138,6 +138,9 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
                     let data = answer_examples(&ctx)?;
                     train_stage(&mut ctx, stage.name(), t, data)?
                 }
+                Stage::RejectionSampling(r) => {
+                    crate::rejection_sampling::run(&mut ctx, stage.name(), r)?
+                }
                 Stage::Eval(e) => StageResult {
                     rows: run_eval(&mut ctx, e)?,
                     model: None,

@@ -286,15 +286,112 @@ pub fn completion_nll_sum(
     mask: &Tensor,
     targets: &Tensor,
 ) -> Tensor {
+    let nll = token_nll(policy, ids, mask);
+    (nll * shifted_targets(targets, ids.device())).sum(Kind::Float)
+}
+
+/// -log p(ids[:, t+1] | ids[:, ..=t]) for every position: [B, T-1].
+fn token_nll(policy: &Policy, ids: &Tensor, mask: &Tensor) -> Tensor {
     let t = ids.size()[1];
     let logits = policy.logits(ids, mask);
     let logp = logits.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
-    let device = logp.device();
-    let labels = ids.narrow(1, 1, t - 1).to_device(device);
-    let nll = -logp.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1);
-    let m = targets
+    let labels = ids.narrow(1, 1, t - 1).to_device(logp.device());
+    -logp.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1)
+}
+
+/// The target marks aligned with [`token_nll`]'s positions, as f32 on `device`.
+fn shifted_targets(targets: &Tensor, device: tch::Device) -> Tensor {
+    let t = targets.size()[1];
+    targets
         .narrow(1, 1, t - 1)
         .to_device(device)
-        .to_kind(Kind::Float);
-    (nll * m).sum(Kind::Float)
+        .to_kind(Kind::Float)
+}
+
+/// SFT on trajectories an online stage produced: the completion tokens the
+/// actor generated, after the problem's prompt, for trajectories whose reward
+/// reaches `min_reward` (rejection sampling). With `importance_clip` > 0 each
+/// token's loss is weighted by the truncated ratio
+/// min(p_learner / p_actor, importance_clip), which corrects for the policy
+/// lag of asynchronous actors (IMPALA's truncated importance sampling).
+pub struct TrajectorySft {
+    /// Encoded prompt of each problem, by problem id.
+    pub prompts: std::collections::HashMap<String, Vec<i64>>,
+    pub min_reward: f32,
+    pub importance_clip: f64,
+    pub max_len: usize,
+}
+
+impl crate::runtime::learner::Objective for TrajectorySft {
+    fn accepts(&self, t: &medzero_envs::Trajectory) -> bool {
+        t.reward >= self.min_reward
+            && !t.tokens.is_empty()
+            && self.prompts.contains_key(&t.problem_id)
+    }
+
+    fn loss(
+        &mut self,
+        policy: &Policy,
+        batch: &[medzero_envs::Trajectory],
+    ) -> Result<crate::runtime::learner::ObjectiveLoss> {
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut targets = Vec::with_capacity(batch.len());
+        let mut behaviour = Vec::with_capacity(batch.len());
+        for t in batch {
+            let prompt = &self.prompts[&t.problem_id];
+            let mut seq: Vec<i64> = prompt.iter().chain(&t.tokens).copied().collect();
+            let mut tgt: Vec<i64> = std::iter::repeat_n(0, prompt.len())
+                .chain(std::iter::repeat_n(1, t.tokens.len()))
+                .collect();
+            // Aligned with token_nll: the entry before each token.
+            let mut beh: Vec<f32> = vec![0.0; prompt.len().saturating_sub(1)];
+            beh.extend(t.logprobs.iter().copied());
+            beh.resize(seq.len(), 0.0);
+            seq.truncate(self.max_len);
+            tgt.truncate(self.max_len);
+            beh.truncate(self.max_len);
+            ids.push(seq);
+            targets.push(tgt);
+            behaviour.push(beh);
+        }
+        let (ids, mask) = pad_right_to(&ids, policy.tokenizer.pad_id(), 16);
+        let (targets, _) = pad_right_to(&targets, 0, 16);
+        let device = policy.device();
+        let width = ids.size()[1] as usize;
+        let beh: Vec<f32> = behaviour
+            .iter()
+            .flat_map(|b| {
+                let mut row = b.clone();
+                row.resize(width, 0.0);
+                row
+            })
+            .collect();
+        let beh = Tensor::from_slice(&beh)
+            .view([batch.len() as i64, width as i64])
+            .narrow(1, 0, width as i64 - 1)
+            .to_device(device);
+        let nll = token_nll(policy, &ids.to_device(device), &mask.to_device(device));
+        let m = shifted_targets(&targets, device);
+        let n_targets = m.sum(Kind::Float).double_value(&[]).max(1.0);
+        let (weights, mean_weight) = if self.importance_clip > 0.0 {
+            let ratio = (-nll.detach() - &beh).exp().clamp_max(self.importance_clip);
+            let w = &ratio * &m;
+            let mean = w.sum(Kind::Float).double_value(&[]) / n_targets;
+            (w, mean)
+        } else {
+            (m.shallow_clone(), 1.0)
+        };
+        let loss = (&nll * &weights).sum(Kind::Float) / n_targets;
+        let tokens = Vec::<i64>::try_from(&mask.sum(Kind::Int64).view([1]))?[0] as u64;
+        let reward = batch.iter().map(|t| t.reward as f64).sum::<f64>() / batch.len() as f64;
+        Ok(crate::runtime::learner::ObjectiveLoss {
+            loss,
+            tokens,
+            metrics: vec![
+                ("importance_weight_mean", mean_weight),
+                ("reward_mean", reward),
+                ("completion_tokens", n_targets),
+            ],
+        })
+    }
 }

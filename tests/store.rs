@@ -32,6 +32,8 @@ fn traj(i: usize) -> Trajectory {
             stage: "mcts".into(),
             saw_gold: i % 2 == 0,
         },
+        tokens: vec![i as i64, 7],
+        logprobs: vec![-0.5, i as f32 * -0.125],
     }
 }
 
@@ -385,6 +387,8 @@ fn append_rate() -> TestResult {
             producer: "actor-0".into(),
             ..Provenance::default()
         },
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
     };
     for (sync_every, n) in [(0, 10_000), (64, 10_000), (1, 1_000)] {
         let path = dir.path().join(format!("rate-{sync_every}.jsonl"));

@@ -11,4 +11,6 @@ pub mod problem;
 pub mod synthclinic;
 pub mod verify;
 
-pub use problem::{Choice, Gold, Problem, Provenance, Step, StepKind, Trajectory, render_chain};
+pub use problem::{
+    Choice, Gold, Problem, Provenance, Step, StepKind, Trajectory, parse_chain, render_chain,
+};

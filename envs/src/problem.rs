@@ -107,6 +107,40 @@ pub fn render_chain(steps: &[Step]) -> String {
         .join("\n\n")
 }
 
+/// Splits a response into steps at lines starting "Step k:" (the inverse of
+/// [`render_chain`]); a response without such lines is one step.
+pub fn parse_chain(text: &str) -> Vec<Step> {
+    let mut steps: Vec<String> = Vec::new();
+    for line in text.lines() {
+        match strip_step_marker(line) {
+            Some(rest) => steps.push(rest.to_string()),
+            None => match steps.last_mut() {
+                Some(s) => {
+                    s.push('\n');
+                    s.push_str(line);
+                }
+                None => steps.push(line.to_string()),
+            },
+        }
+    }
+    steps
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .map(Step::new)
+        .collect()
+}
+
+/// The text after a leading "Step k:" marker.
+fn strip_step_marker(line: &str) -> Option<&str> {
+    let rest = line.trim_start().strip_prefix("Step ")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return None;
+    }
+    rest[digits..].strip_prefix(':')
+}
+
 /// Who made a trajectory and how.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Provenance {
@@ -135,4 +169,12 @@ pub struct Trajectory {
     pub values: Vec<f32>,
     pub policy_version: u64,
     pub provenance: Provenance,
+    /// The generated completion's token ids, when a policy made it: learners
+    /// train on exactly these rather than on a re-tokenisation of the text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<i64>,
+    /// Each of `tokens`' log-probability under the policy that sampled it
+    /// (the behaviour policy of importance weighting).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<f32>,
 }

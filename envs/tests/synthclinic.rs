@@ -3,7 +3,7 @@
 
 use medzero_envs::synthclinic::chain::{derive_step, finish_step, lab_step};
 use medzero_envs::synthclinic::{Case, OracleConfig, SynthClinic, SynthConfig};
-use medzero_envs::{Step, StepKind, render_chain, verify};
+use medzero_envs::{Step, StepKind, parse_chain, render_chain, verify};
 
 fn world(seed: u64) -> SynthClinic {
     SynthClinic::generate(&SynthConfig {
@@ -72,6 +72,7 @@ fn gold_chains_verify_and_every_step_is_labelled_correct() {
             p.id
         );
         assert!(verify::verify(p, &render_chain(&chain)).correct, "{}", p.id);
+        assert_eq!(parse_chain(&render_chain(&chain)), chain, "{}", p.id);
         assert_eq!(chain.last().unwrap().kind, StepKind::Finish);
         assert!(
             chain[..chain.len() - 1]

@@ -254,6 +254,30 @@ impl Policy {
         Ok(self.decode(&mut cache, logits, next_pos, params, rng))
     }
 
+    /// `n` completions of one prompt that share its prefill: the prompt runs
+    /// once and the samples continue from a forked cache.
+    pub fn sample_n(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        params: &SamplingParams,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Generation>, PolicyError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let (cache, logits, pos) = self.prefill(&[prompt.to_vec()], params.max_new_tokens)?;
+        let n = n as i64;
+        let mut forked = cache.fork(0, n);
+        Ok(self.decode(
+            &mut forked,
+            logits.repeat([n, 1]),
+            pos.repeat([n]),
+            params,
+            rng,
+        ))
+    }
+
     /// Continues every row of `cache` from `logits` [B, V] (the distribution
     /// of each row's next token) until EOS, a stop string or the budget.
     pub fn decode(

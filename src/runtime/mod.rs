@@ -1,5 +1,12 @@
-//! The actor/learner runtime's building blocks: versioned weight publication
-//! ([`weights`]) and the durable per-stage trajectory store ([`store`]).
+//! The actor/learner runtime: actor threads with their own policy copies
+//! ([`actor`]) take problems from a lock-free [`source`] and hand
+//! trajectories through a bounded lock-free [`queue`] to the [`learner`],
+//! which stores them durably ([`store`]), trains and publishes versioned
+//! weights ([`weights`]) that actors adopt between rollouts.
 
+pub mod actor;
+pub mod learner;
+pub mod queue;
+pub mod source;
 pub mod store;
 pub mod weights;

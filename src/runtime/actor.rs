@@ -1,0 +1,222 @@
+//! Actor threads: each owns a policy copy and runs a pluggable [`Rollout`] on
+//! problems from the shared [`ProblemSource`], pushing the trajectories into
+//! the bounded queue to the learner. Between rollouts an actor adopts the
+//! newest published weights; a rollout that panics is caught, the actor
+//! rebuilt from the current weights and the problem handed back.
+
+use super::queue::TrajectoryQueue;
+use super::source::{Next, ProblemSource, WorkItem};
+use super::weights::WeightSlot;
+use anyhow::Result;
+use crossbeam::utils::{Backoff, CachePadded};
+use medzero_envs::{Problem, Trajectory};
+use medzero_policies::Policy;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// What an actor does with one problem: sampling, MCTS, a teacher
+/// correction... Shared by all actors of a stage, so it holds configuration,
+/// not per-actor state; the policy and the random stream are the actor's.
+pub trait Rollout: Send + Sync {
+    /// The ids of the trajectories [`rollout`](Self::rollout) makes for
+    /// `problem`, whatever the policy and the random draws: a resumed stage
+    /// knows from them which problems are finished.
+    fn ids(&self, problem: &Problem) -> Vec<String>;
+
+    /// The trajectories of one problem. The actor stamps each with its policy
+    /// version and name afterwards.
+    fn rollout(
+        &self,
+        policy: &Policy,
+        problem: &Problem,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Trajectory>>;
+}
+
+/// What actors tell the learner.
+pub enum ActorMsg {
+    Done {
+        item: WorkItem,
+        trajectories: Vec<Trajectory>,
+    },
+    /// The problem will not be done in this run: the rollout returned an
+    /// error, or panicked on every attempt.
+    Failed {
+        item: WorkItem,
+        problem_id: String,
+        error: String,
+    },
+}
+
+/// One actor's counters, written only by that actor and read by the learner
+/// for monitoring. Cache-padded so actors never share a line.
+#[derive(Default)]
+pub struct ActorStats {
+    pub rollouts: AtomicU64,
+    /// Tokens generated (the trajectories' `tokens`).
+    pub tokens: AtomicU64,
+    /// Time spent waiting: for work (a closed round gate) or for room in the queue.
+    pub idle_ns: AtomicU64,
+    pub panics: AtomicU64,
+    /// The policy version the actor holds.
+    pub version: AtomicU64,
+}
+
+pub type Stats = CachePadded<ActorStats>;
+
+/// Attempts at a problem before it is reported failed.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// The random stream of one problem: a pure function of the stage seed and
+/// the problem's index, so the same problem draws the same numbers whichever
+/// actor takes it and however often the stage is resumed.
+pub fn problem_rng(seed: u64, index: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index as u64);
+    rng
+}
+
+/// Everything an actor thread shares with the others.
+pub struct Shared<'a> {
+    pub problems: &'a [Problem],
+    pub source: &'a ProblemSource,
+    pub queue: &'a TrajectoryQueue<ActorMsg>,
+    pub slot: &'a WeightSlot,
+    pub rollout: &'a dyn Rollout,
+    pub seed: u64,
+    /// Stage name, for provenance.
+    pub stage: &'a str,
+    /// libtorch intra-op threads of each actor (0: leave as is).
+    pub threads: usize,
+    /// Fault injection for tests: the first attempt at every problem whose
+    /// index is a multiple of this panics (0: off).
+    pub inject_panic_every: usize,
+}
+
+/// Runs actor `id` until the source is done or the queue closed. `build`
+/// makes a fresh policy (any weights; the current snapshot is copied in).
+pub fn run(
+    id: usize,
+    shared: &Shared,
+    stats: &Stats,
+    build: &(dyn Fn() -> Result<Policy> + Sync),
+) -> Result<()> {
+    if shared.threads > 0 {
+        // OpenMP's thread count is per calling thread: this sets the actor's own.
+        tch::set_num_threads(shared.threads as i32);
+    }
+    let name = format!("actor-{id}");
+    let (mut policy, mut version) = restart(shared, build)?;
+    stats.version.store(version, Ordering::Relaxed);
+    let backoff = Backoff::new();
+    loop {
+        let item = match shared.source.next() {
+            Next::Done => return Ok(()),
+            Next::Wait => {
+                let t = Instant::now();
+                if backoff.is_completed() {
+                    std::thread::sleep(Duration::from_micros(200));
+                } else {
+                    backoff.snooze();
+                }
+                stats.idle_ns.fetch_add(nanos(t), Ordering::Relaxed);
+                continue;
+            }
+            Next::Item(item) => item,
+        };
+        backoff.reset();
+        // Checked after taking the item: a round's weights are published
+        // before its items are released, so this sees them.
+        if let Some(s) = shared.slot.newer_than(version) {
+            s.apply(&policy)?;
+            version = s.version;
+            stats.version.store(version, Ordering::Relaxed);
+        }
+        let problem = &shared.problems[item.index];
+        let mut rng = problem_rng(shared.seed, item.index);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            if shared.inject_panic_every > 0
+                && item.index % shared.inject_panic_every == 0
+                && item.attempt == 0
+            {
+                panic!("injected fault (runtime.inject_panic_every)");
+            }
+            shared.rollout.rollout(&policy, problem, &mut rng)
+        }));
+        let msg = match outcome {
+            Ok(Ok(mut trajectories)) => {
+                let mut tokens = 0;
+                for t in &mut trajectories {
+                    t.policy_version = version;
+                    t.provenance.producer = name.clone();
+                    t.provenance.stage = shared.stage.to_string();
+                    tokens += t.tokens.len() as u64;
+                }
+                stats.rollouts.fetch_add(1, Ordering::Relaxed);
+                stats.tokens.fetch_add(tokens, Ordering::Relaxed);
+                ActorMsg::Done { item, trajectories }
+            }
+            Ok(Err(e)) => ActorMsg::Failed {
+                item,
+                problem_id: problem.id.clone(),
+                error: format!("{e:#}"),
+            },
+            Err(panic) => {
+                let what = panic_message(&panic);
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+                let retry = item.attempt + 1 < MAX_ATTEMPTS;
+                eprintln!(
+                    "{name}: rollout of problem {} panicked (attempt {}/{MAX_ATTEMPTS}): {what}; restarting the actor{}",
+                    problem.id,
+                    item.attempt + 1,
+                    if retry {
+                        " and re-queueing the problem"
+                    } else {
+                        ""
+                    }
+                );
+                (policy, version) = restart(shared, build)?;
+                stats.version.store(version, Ordering::Relaxed);
+                if retry {
+                    shared.source.retry(item);
+                    continue;
+                }
+                ActorMsg::Failed {
+                    item,
+                    problem_id: problem.id.clone(),
+                    error: format!("panicked {MAX_ATTEMPTS} times: {what}"),
+                }
+            }
+        };
+        let t = Instant::now();
+        let pushed = shared.queue.push(msg);
+        stats.idle_ns.fetch_add(nanos(t), Ordering::Relaxed);
+        if pushed.is_err() {
+            // The learner closed the queue: the stage is stopping.
+            return Ok(());
+        }
+    }
+}
+
+/// A fresh policy holding the newest published weights.
+fn restart(shared: &Shared, build: &dyn Fn() -> Result<Policy>) -> Result<(Policy, u64)> {
+    let policy = build()?;
+    let snapshot = shared.slot.current();
+    snapshot.apply(&policy)?;
+    Ok((policy, snapshot.version))
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+fn nanos(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
