@@ -390,6 +390,7 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
             min_reward: 0.0,
             importance_clip: 0.0,
             max_len: 512,
+            template,
         };
         let t = Instant::now();
         let report = learner::run(Online {

@@ -87,6 +87,7 @@ pub fn run(ctx: &mut StageCtx, name: &str, stage: &RejectionSamplingStage) -> Re
         min_reward: stage.min_reward,
         importance_clip: stage.importance_clip,
         max_len: stage.max_len,
+        template,
     };
     let rollout = Sampler {
         cfg: stage.sampling.clone(),

@@ -310,7 +310,9 @@ fn shifted_targets(targets: &Tensor, device: tch::Device) -> Tensor {
 
 /// SFT on trajectories an online stage produced: the completion tokens the
 /// actor generated, after the problem's prompt, for trajectories whose reward
-/// reaches `min_reward` (rejection sampling). With `importance_clip` > 0 each
+/// reaches `min_reward` (rejection sampling). A trajectory without tokens
+/// (written by another tool) is trained on its steps' text, tokenised and
+/// ended with the template's end of turn. With `importance_clip` > 0 each
 /// token's loss is weighted by the truncated ratio
 /// min(p_learner / p_actor, importance_clip), which corrects for the policy
 /// lag of asynchronous actors (IMPALA's truncated importance sampling).
@@ -320,12 +322,13 @@ pub struct TrajectorySft {
     pub min_reward: f32,
     pub importance_clip: f64,
     pub max_len: usize,
+    pub template: PromptTemplate,
 }
 
 impl crate::runtime::learner::Objective for TrajectorySft {
     fn accepts(&self, t: &medzero_envs::Trajectory) -> bool {
         t.reward >= self.min_reward
-            && !t.tokens.is_empty()
+            && (!t.tokens.is_empty() || !t.steps.is_empty())
             && self.prompts.contains_key(&t.problem_id)
     }
 
@@ -337,19 +340,33 @@ impl crate::runtime::learner::Objective for TrajectorySft {
         let mut ids = Vec::with_capacity(batch.len());
         let mut targets = Vec::with_capacity(batch.len());
         let mut behaviour = Vec::with_capacity(batch.len());
+        let end = policy.tokenizer.end_of_turn_id(self.template);
         for t in batch {
             let prompt = &self.prompts[&t.problem_id];
-            let mut seq: Vec<i64> = prompt.iter().chain(&t.tokens).copied().collect();
+            let completion = if t.tokens.is_empty() {
+                let mut c = policy
+                    .tokenizer
+                    .encode(&medzero_envs::render_chain(&t.steps))?;
+                c.push(end);
+                c
+            } else {
+                t.tokens.clone()
+            };
+            let mut seq: Vec<i64> = prompt.iter().chain(&completion).copied().collect();
             let mut tgt: Vec<i64> = std::iter::repeat_n(0, prompt.len())
-                .chain(std::iter::repeat_n(1, t.tokens.len()))
+                .chain(std::iter::repeat_n(1, completion.len()))
                 .collect();
-            // Aligned with token_nll: the entry before each token.
-            let mut beh: Vec<f32> = vec![0.0; prompt.len().saturating_sub(1)];
-            beh.extend(t.logprobs.iter().copied());
-            beh.resize(seq.len(), 0.0);
+            // Behaviour log-probs aligned with token_nll (the entry before
+            // each token), and whether they are known: outside data has none,
+            // and its ratio is taken as 1.
+            let mut beh = vec![(0.0f32, 0.0f32); seq.len()];
+            if t.logprobs.len() == completion.len() && !prompt.is_empty() {
+                for (k, &lp) in t.logprobs.iter().enumerate() {
+                    beh[prompt.len() - 1 + k] = (lp, 1.0);
+                }
+            }
             seq.truncate(self.max_len);
             tgt.truncate(self.max_len);
-            beh.truncate(self.max_len);
             ids.push(seq);
             targets.push(tgt);
             behaviour.push(beh);
@@ -357,24 +374,23 @@ impl crate::runtime::learner::Objective for TrajectorySft {
         let (ids, mask) = pad_right_to(&ids, policy.tokenizer.pad_id(), 16);
         let (targets, _) = pad_right_to(&targets, 0, 16);
         let device = policy.device();
-        let width = ids.size()[1] as usize;
-        let beh: Vec<f32> = behaviour
-            .iter()
-            .flat_map(|b| {
-                let mut row = b.clone();
-                row.resize(width, 0.0);
-                row
-            })
-            .collect();
-        let beh = Tensor::from_slice(&beh)
-            .view([batch.len() as i64, width as i64])
-            .narrow(1, 0, width as i64 - 1)
-            .to_device(device);
+        let (rows, width) = (batch.len() as i64, ids.size()[1]);
+        let column = |pick: fn(&(f32, f32)) -> f32| {
+            let flat: Vec<f32> = behaviour
+                .iter()
+                .flat_map(|b| (0..width as usize - 1).map(move |j| b.get(j).map_or(0.0, pick)))
+                .collect();
+            Tensor::from_slice(&flat)
+                .view([rows, width - 1])
+                .to_device(device)
+        };
+        let (beh, known) = (column(|b| b.0), column(|b| b.1));
         let nll = token_nll(policy, &ids.to_device(device), &mask.to_device(device));
         let m = shifted_targets(&targets, device);
         let n_targets = m.sum(Kind::Float).double_value(&[]).max(1.0);
         let (weights, mean_weight) = if self.importance_clip > 0.0 {
-            let ratio = (-nll.detach() - &beh).exp().clamp_max(self.importance_clip);
+            let measured: Tensor = (-nll.detach() - &beh).exp() * &known;
+            let ratio = (measured - &known + 1.0).clamp_max(self.importance_clip);
             let w = &ratio * &m;
             let mean = w.sum(Kind::Float).double_value(&[]) / n_targets;
             (w, mean)

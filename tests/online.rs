@@ -276,3 +276,41 @@ fn async_actors_survive_injected_panics_and_lag_is_bounded() {
         "trained on data past max_policy_lag: {max_lag}"
     );
 }
+
+#[test]
+fn a_stage_takes_trajectories_fed_from_outside() {
+    let r = setup(str::to_string);
+    std::fs::create_dir_all(&r.stage).unwrap();
+    let outside: String = (0..SAMPLES)
+        .map(|k| {
+            serde_json::json!({
+                "id": format!("synthclinic-train-00000/s{k:03}"),
+                "problem_id": "synthclinic-train-00000",
+                "steps": [{"text": "The answer is A.", "kind": "finish"}],
+                "answer": "A",
+                "reward": 1.0,
+                "policy_version": 0,
+                "provenance": {"producer": "hand"}
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(r.stage.join("trajectories.jsonl"), &outside).unwrap();
+    run_to_end(&r, &[]);
+    let rep = report(&r.stage);
+    // Problem 0 was already answered: the actors did the others only, and the
+    // learner trained on all of them.
+    assert_eq!(rep["counters"]["rollouts"], (PROBLEMS - 1) as u64, "{rep}");
+    assert_eq!(
+        rep["counters"]["trained"],
+        (PROBLEMS * SAMPLES) as u64,
+        "{rep}"
+    );
+    assert_complete_and_unique(&r.stage);
+    let stored = std::fs::read_to_string(r.stage.join("trajectories.jsonl")).unwrap();
+    assert!(
+        stored.starts_with(&outside),
+        "outside records were rewritten"
+    );
+}

@@ -1,38 +1,15 @@
 //! Weight publication: actors adopting while the learner publishes always see
 //! one whole version, never a mix, and versions only move forward.
 
+mod support;
 use medzero::runtime::weights::{PolicySnapshot, WeightSlot};
 use medzero_policies::Policy;
-use medzero_policies::llama::{Arch, DType, DecoderConfig};
-use medzero_policies::tokenizer::Tokenizer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tch::{Device, Kind};
+use tch::Kind;
 
 fn tiny(seed: u64) -> Policy {
-    let tok = Tokenizer::word_level(["a b c d e f g h"], 1);
-    let cfg = DecoderConfig {
-        arch: Arch::Qwen2,
-        vocab_size: tok.vocab_size() as i64,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 2,
-        num_heads: 2,
-        num_kv_heads: 1,
-        head_dim: 16,
-        max_position_embeddings: 32,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_llama3: None,
-        tie_word_embeddings: true,
-        qkv_bias: true,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![tok.eos_id()],
-        dtype: DType::F32,
-    };
-    Policy::new_random(&cfg, tok, Device::Cpu, seed).unwrap()
+    support::tiny_policy("a b c d e f g h", seed)
 }
 
 /// Sets every variable to `v` (a version's fingerprint).

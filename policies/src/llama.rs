@@ -139,6 +139,32 @@ fn ids(v: &Option<serde_json::Value>) -> Vec<i64> {
 }
 
 impl DecoderConfig {
+    /// A tiny Qwen2 (2 layers, hidden 32, GQA 2:1, tied embeddings) for tests
+    /// and examples: fast on any CPU, yet every architectural path is used.
+    pub fn tiny_qwen2(vocab_size: i64, eos: i64) -> DecoderConfig {
+        DecoderConfig {
+            arch: Arch::Qwen2,
+            vocab_size,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_layers: 2,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 16,
+            max_position_embeddings: 64,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_llama3: None,
+            tie_word_embeddings: true,
+            qkv_bias: true,
+            o_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![eos],
+            dtype: DType::F32,
+        }
+    }
+
     pub fn from_hf_file(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {

@@ -3,7 +3,7 @@
 
 use medzero_policies::Policy;
 use medzero_policies::generate::pad_right;
-use medzero_policies::llama::{Arch, DType, DecoderConfig};
+use medzero_policies::llama::DecoderConfig;
 use medzero_policies::optim::{AdamW, AdamWConfig};
 use medzero_policies::tokenizer::Tokenizer;
 use tch::{Device, Kind, Tensor};
@@ -12,27 +12,7 @@ fn tiny() -> Policy {
     let words: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
     let text = words.join(" ");
     let tok = Tokenizer::word_level([text.as_str()], 1);
-    let cfg = DecoderConfig {
-        arch: Arch::Qwen2,
-        vocab_size: tok.vocab_size() as i64,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 2,
-        num_heads: 2,
-        num_kv_heads: 1,
-        head_dim: 16,
-        max_position_embeddings: 64,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_llama3: None,
-        tie_word_embeddings: true,
-        qkv_bias: true,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![tok.eos_id()],
-        dtype: DType::F32,
-    };
+    let cfg = DecoderConfig::tiny_qwen2(tok.vocab_size() as i64, tok.eos_id());
     Policy::new_random(&cfg, tok, Device::Cpu, 3).unwrap()
 }
 

@@ -630,6 +630,11 @@ impl Learner<'_> {
                 lags.iter().copied().max().unwrap_or(0) as f64,
             );
             m.scalar(
+                "train/version_diff_min",
+                step,
+                lags.iter().copied().min().unwrap_or(0) as f64,
+            );
+            m.scalar(
                 "perf/learner_tokens_per_s",
                 step,
                 out.tokens as f64 / t0.elapsed().as_secs_f64(),

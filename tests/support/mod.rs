@@ -61,3 +61,13 @@ pub fn stderr(o: &Output) -> String {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A tiny random Qwen2-shaped decoder (2 layers, hidden 32) over a word-level
+/// vocabulary of `words`.
+pub fn tiny_policy(words: &str, seed: u64) -> medzero_policies::Policy {
+    use medzero_policies::llama::DecoderConfig;
+    use medzero_policies::tokenizer::Tokenizer;
+    let tok = Tokenizer::word_level([words], 1);
+    let cfg = DecoderConfig::tiny_qwen2(tok.vocab_size() as i64, tok.eos_id());
+    medzero_policies::Policy::new_random(&cfg, tok, tch::Device::Cpu, seed).unwrap()
+}
