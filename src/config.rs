@@ -165,6 +165,15 @@ pub enum Stage {
     /// Answer-only distillation: SFT on the teacher's answers without
     /// reasoning (the classic-KD baseline of the papers).
     DistillAnswers(TrainStage),
+    /// SFT on the teacher's reasoning chains in MedS3's step format (the cold
+    /// start that teaches the student to reason in steps).
+    DistillChains(TrainStage),
+    /// MedS3: tree search over reasoning steps on the actor runtime.
+    Meds3Search(crate::meds3::SearchStage),
+    /// MedS3: policy SFT on the correct chains of search stages.
+    Meds3Policy(crate::meds3::PolicyStage),
+    /// MedS3: the process reward model on the search stages' step values.
+    Meds3Prm(crate::meds3::PrmStage),
     /// Rejection-sampling fine-tuning on the actor/learner runtime.
     RejectionSampling(crate::rejection_sampling::RejectionSamplingStage),
     /// Greedy and sampled accuracy of trained models on the test split.
@@ -177,6 +186,10 @@ impl Stage {
             Stage::Baselines(_) => "baselines",
             Stage::Pretrain(_) => "pretrain",
             Stage::DistillAnswers(_) => "distill_answers",
+            Stage::DistillChains(_) => "distill_chains",
+            Stage::Meds3Search(_) => "meds3_search",
+            Stage::Meds3Policy(_) => "meds3_policy",
+            Stage::Meds3Prm(_) => "meds3_prm",
             Stage::RejectionSampling(_) => "rejection_sampling",
             Stage::Eval(_) => "eval",
         }
@@ -184,7 +197,10 @@ impl Stage {
     pub fn name(&self) -> &str {
         let named = match self {
             Stage::Baselines(s) => &s.name,
-            Stage::Pretrain(s) | Stage::DistillAnswers(s) => &s.name,
+            Stage::Pretrain(s) | Stage::DistillAnswers(s) | Stage::DistillChains(s) => &s.name,
+            Stage::Meds3Search(s) => &s.name,
+            Stage::Meds3Policy(s) => &s.name,
+            Stage::Meds3Prm(s) => &s.name,
             Stage::RejectionSampling(s) => &s.name,
             Stage::Eval(s) => &s.name,
         };
@@ -214,6 +230,8 @@ pub struct EvalStage {
     pub name: Option<String>,
     /// Stages whose models are scored, in table order.
     pub models: Vec<String>,
+    /// A PRM stage whose model scores samples for the PRM selection rules.
+    pub prm: String,
     pub eval: EvalConfig,
 }
 
@@ -272,26 +290,66 @@ impl Config {
         }
         let mut names = std::collections::BTreeSet::new();
         for s in &self.stages {
+            let refs: Vec<&str> = match s {
+                Stage::Pretrain(t) | Stage::DistillAnswers(t) | Stage::DistillChains(t) => {
+                    vec![t.init.as_str()]
+                }
+                Stage::Meds3Search(m) => vec![m.init.as_str()],
+                Stage::RejectionSampling(r) => vec![r.init.as_str()],
+                Stage::Meds3Policy(m) => std::iter::once(m.init.as_str())
+                    .chain(m.data.iter().map(String::as_str))
+                    .collect(),
+                Stage::Meds3Prm(m) => std::iter::once(m.init.as_str())
+                    .chain(m.data.iter().map(String::as_str))
+                    .collect(),
+                Stage::Eval(e) => e
+                    .models
+                    .iter()
+                    .map(String::as_str)
+                    .chain((!e.prm.is_empty()).then_some(e.prm.as_str()))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for r in refs {
+                if !r.is_empty() && !names.contains(r) {
+                    bail!(
+                        "stage {:?} refers to {r:?}, which names no earlier stage",
+                        s.name()
+                    );
+                }
+            }
+            if let Stage::Meds3Search(m) = s {
+                m.mcts
+                    .validate()
+                    .with_context(|| format!("stage {:?}", s.name()))?;
+                m.runtime
+                    .validate()
+                    .with_context(|| format!("stage {:?}", s.name()))?;
+                if m.init.is_empty() {
+                    bail!(
+                        "stage {:?}: `init` must name the model that searches",
+                        s.name()
+                    );
+                }
+            }
             if let Stage::RejectionSampling(r) = s {
                 r.validate()
                     .with_context(|| format!("stage {:?}", s.name()))?;
-                if !names.contains(r.init.as_str()) {
-                    bail!(
-                        "stage {:?}: init = {:?} names no earlier stage",
-                        s.name(),
-                        r.init
-                    );
-                }
-                if self.run.deterministic
-                    && r.runtime.mode != crate::runtime::learner::Mode::Deterministic
-                {
-                    bail!(
-                        "stage {:?}: run.deterministic is true but runtime.mode is {:?}; \
-                         set runtime.mode = \"deterministic\" or run.deterministic = false",
-                        s.name(),
-                        r.runtime.mode
-                    );
-                }
+            }
+            let runtime = match s {
+                Stage::Meds3Search(m) => Some(&m.runtime),
+                Stage::RejectionSampling(r) => Some(&r.runtime),
+                _ => None,
+            };
+            if let Some(rt) = runtime
+                && self.run.deterministic
+                && rt.mode == crate::runtime::learner::Mode::Async
+            {
+                bail!(
+                    "stage {:?}: run.deterministic is true but runtime.mode is async; \
+                     use \"sync\" or \"deterministic\", or set run.deterministic = false",
+                    s.name()
+                );
             }
             if !names.insert(s.name()) {
                 bail!(

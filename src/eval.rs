@@ -1,7 +1,10 @@
 //! Evaluation of a policy on a problem set with the strict verifier: greedy
-//! accuracy, mean accuracy of N samples, and self-consistency (vote-sc@N).
+//! accuracy, mean accuracy of N samples, and any selection rule over the N
+//! samples (vote-sc@N, and with a PRM P-VS@N and the others).
 
-use anyhow::Result;
+use crate::meds3::{self, Prm};
+use crate::selection::{self, Candidate, Rule};
+use anyhow::{Result, bail};
 use medzero_envs::{Problem, verify};
 use medzero_policies::tokenizer::PromptTemplate;
 use medzero_policies::{Policy, SamplingParams};
@@ -21,6 +24,8 @@ pub struct EvalConfig {
     pub limit: usize,
     /// Prompts per generation batch.
     pub batch_size: usize,
+    /// Selection rules scored over the samples (`rule@N` in the table).
+    pub rules: Vec<Rule>,
 }
 
 impl Default for EvalConfig {
@@ -32,6 +37,7 @@ impl Default for EvalConfig {
             max_new_tokens: 48,
             limit: 0,
             batch_size: 32,
+            rules: vec![Rule::VoteSc],
         }
     }
 }
@@ -47,33 +53,88 @@ pub struct EvalReport {
     pub per_task: BTreeMap<String, f64>,
     /// Tokens generated (greedy and samples).
     pub generated_tokens: u64,
+    /// The PRM's step scores against ground-truth step labels, when both
+    /// were available.
+    pub prm_quality: Option<PrmQuality>,
 }
 
-/// Majority vote over the options the responses resolve to; ties go to the
-/// answer seen first (MedS3's `Counter.most_common` order). Unresolvable
-/// responses do not vote.
-pub fn vote(problem: &Problem, responses: &[String]) -> Option<String> {
-    let mut counts: Vec<(String, usize)> = Vec::new();
-    for r in responses {
-        let Some(choice) = verify::verify(problem, r).chosen else {
-            continue;
-        };
-        match counts.iter_mut().find(|(c, _)| *c == choice) {
-            Some(e) => e.1 += 1,
-            None => counts.push((choice, 1)),
+/// How well PRM scores separate correct from wrong steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrmQuality {
+    /// Steps scored.
+    pub steps: usize,
+    /// Share of them labelled correct.
+    pub correct_frac: f64,
+    /// Score >= 0.5 agrees with the label.
+    pub accuracy: f64,
+    /// Probability that a correct step outscores a wrong one (ties count half).
+    pub auroc: f64,
+}
+
+impl PrmQuality {
+    pub fn from_pairs(pairs: &[(f64, bool)]) -> Option<PrmQuality> {
+        if pairs.is_empty() {
+            return None;
         }
+        let n = pairs.len() as f64;
+        let pos = pairs.iter().filter(|p| p.1).count();
+        let accuracy = pairs.iter().filter(|(s, l)| (*s >= 0.5) == *l).count() as f64 / n;
+        Some(PrmQuality {
+            steps: pairs.len(),
+            correct_frac: pos as f64 / n,
+            accuracy,
+            auroc: auroc(pairs),
+        })
     }
-    let best = counts.iter().map(|(_, n)| *n).max()?;
-    counts.into_iter().find(|(_, n)| *n == best).map(|(c, _)| c)
 }
 
+/// Mann-Whitney AUROC with average ranks for ties; NaN when one class is absent.
+pub fn auroc(pairs: &[(f64, bool)]) -> f64 {
+    let mut sorted: Vec<(f64, bool)> = pairs.to_vec();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut rank_sum, mut i) = (0.0, 0);
+    while i < sorted.len() {
+        let mut j = i;
+        while j < sorted.len() && sorted[j].0 == sorted[i].0 {
+            j += 1;
+        }
+        // Ranks i+1..=j share their average.
+        let avg = (i + 1 + j) as f64 / 2.0;
+        rank_sum += avg * sorted[i..j].iter().filter(|p| p.1).count() as f64;
+        i = j;
+    }
+    let pos = sorted.iter().filter(|p| p.1).count() as f64;
+    let neg = sorted.len() as f64 - pos;
+    (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
+}
+
+/// Ground truth for each step of a response (SynthClinic's oracle), when known.
+pub type StepLabeller<'a> = &'a dyn Fn(&Problem, &[String]) -> Option<Vec<bool>>;
+
+/// Scores `policy` on `problems`: greedy, and with `cfg.samples` samples per
+/// question each selection rule of `cfg.rules` (those that need a PRM score
+/// the samples' steps with `prm`).
 pub fn evaluate(
     policy: &Policy,
     problems: &[Problem],
     template: PromptTemplate,
     cfg: &EvalConfig,
+    prm: Option<&Prm>,
+    labeller: Option<StepLabeller>,
     rng: &mut ChaCha8Rng,
 ) -> Result<EvalReport> {
+    let needs_prm: Vec<String> = cfg
+        .rules
+        .iter()
+        .filter(|r| r.needs_prm())
+        .map(|r| r.to_string())
+        .collect();
+    if cfg.samples > 0 && !needs_prm.is_empty() && prm.is_none() {
+        bail!(
+            "selection rules {} need a PRM: name a PRM stage in the eval stage's `prm` (or pass --prm DIR)",
+            needs_prm.join(", ")
+        );
+    }
     let problems = if cfg.limit > 0 && cfg.limit < problems.len() {
         &problems[..cfg.limit]
     } else {
@@ -94,7 +155,8 @@ pub fn evaluate(
     };
     let mut hits = 0usize;
     let mut sample_hits = 0usize;
-    let mut vote_hits = 0usize;
+    let mut rule_hits = vec![0usize; cfg.rules.len()];
+    let mut prm_pairs: Vec<(f64, bool)> = Vec::new();
     let mut tokens = 0u64;
     let mut by_task: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for chunk in problems.chunks(cfg.batch_size.max(1)) {
@@ -121,15 +183,43 @@ pub fn evaluate(
                     .iter()
                     .filter(|t| verify::verify(p, t).correct)
                     .count();
-                let winner = vote(p, &texts);
-                vote_hits += (winner.as_deref() == gold_letter(p)) as usize;
+                let scores = match prm {
+                    Some(prm) if !needs_prm.is_empty() => {
+                        let chains: Vec<Vec<String>> =
+                            texts.iter().map(|t| meds3::response_steps(t)).collect();
+                        let scores = prm.score(&template.render(&p.prompt_text()), &chains)?;
+                        if let Some(label) = labeller {
+                            for (chain, s) in chains.iter().zip(&scores) {
+                                if let Some(labels) = label(p, chain) {
+                                    prm_pairs.extend(s.iter().copied().zip(labels));
+                                }
+                            }
+                        }
+                        scores
+                    }
+                    _ => vec![Vec::new(); texts.len()],
+                };
+                let candidates: Vec<Candidate> = texts
+                    .iter()
+                    .zip(scores)
+                    .map(|(t, step_scores)| Candidate {
+                        answer: verify::verify(p, t).chosen,
+                        step_scores,
+                    })
+                    .collect();
+                for (rule, hits) in cfg.rules.iter().zip(rule_hits.iter_mut()) {
+                    let winner = selection::select(*rule, &candidates);
+                    *hits += (winner.as_deref() == gold_letter(p)) as usize;
+                }
             }
         }
     }
     let n = problems.len().max(1) as f64;
     let mut selection_accuracy = BTreeMap::new();
     if cfg.samples > 0 {
-        selection_accuracy.insert(format!("vote-sc@{}", cfg.samples), vote_hits as f64 / n);
+        for (rule, hits) in cfg.rules.iter().zip(&rule_hits) {
+            selection_accuracy.insert(format!("{rule}@{}", cfg.samples), *hits as f64 / n);
+        }
     }
     Ok(EvalReport {
         n: problems.len(),
@@ -141,6 +231,7 @@ pub fn evaluate(
             .map(|(t, (h, c))| (t, h as f64 / c as f64))
             .collect(),
         generated_tokens: tokens,
+        prm_quality: PrmQuality::from_pairs(&prm_pairs),
     })
 }
 
@@ -148,5 +239,24 @@ fn gold_letter(p: &Problem) -> Option<&str> {
     match &p.gold {
         medzero_envs::Gold::Option(l) => Some(l),
         medzero_envs::Gold::Text(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auroc_counts_pairs_and_ties() {
+        // Every correct step above every wrong one.
+        assert_eq!(auroc(&[(0.9, true), (0.8, true), (0.1, false)]), 1.0);
+        assert_eq!(auroc(&[(0.1, true), (0.9, false)]), 0.0);
+        // One tie across classes counts half: pairs (0.5+, 0.5-) = 0.5, (0.9+, 0.5-) = 1.
+        assert_eq!(auroc(&[(0.5, true), (0.9, true), (0.5, false)]), 0.75);
+        assert!(auroc(&[(0.5, true)]).is_nan());
+        let q = PrmQuality::from_pairs(&[(0.7, true), (0.4, false), (0.6, false), (0.2, true)])
+            .unwrap();
+        assert_eq!((q.steps, q.correct_frac, q.accuracy), (4, 0.5, 0.5));
+        assert_eq!(q.auroc, 0.5);
     }
 }

@@ -10,7 +10,7 @@ use crate::results::{Results, Row};
 use crate::sft::{self, Example};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use medzero_envs::synthclinic::SynthClinic;
+use medzero_envs::synthclinic::{Oracle, SynthClinic};
 use medzero_envs::{Problem, atomic, loaders, render_chain};
 use medzero_policies::Policy;
 use medzero_policies::device::DeviceInfo;
@@ -50,6 +50,33 @@ pub struct TrainedModel {
     /// Tokens trained on, counting every stage it descends from.
     pub training_tokens: u64,
     pub wall_s: f64,
+}
+
+impl StageCtx<'_> {
+    /// The model an earlier stage trained.
+    pub fn model(&self, stage: &str) -> Result<TrainedModel> {
+        self.models
+            .get(stage)
+            .cloned()
+            .with_context(|| format!("no earlier stage named {stage:?} trained a model"))
+    }
+
+    /// The folder of an earlier stage of this run.
+    pub fn stage_dir(&self, stage: &str) -> Result<PathBuf> {
+        let k = self
+            .cfg
+            .stages
+            .iter()
+            .position(|s| s.name() == stage)
+            .with_context(|| format!("no stage named {stage:?}"))?;
+        Ok(self
+            .cfg
+            .run
+            .out_dir
+            .join(&self.cfg.run.name)
+            .join("stages")
+            .join(format!("{k}-{stage}")))
+    }
 }
 
 /// What a finished stage records in its `result.json`.
@@ -138,6 +165,21 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
                     let data = answer_examples(&ctx)?;
                     train_stage(&mut ctx, stage.name(), t, data)?
                 }
+                Stage::DistillChains(t) => {
+                    let data = chain_examples(&ctx)?;
+                    train_stage(&mut ctx, stage.name(), t, data)?
+                }
+                Stage::Meds3Search(m) => crate::meds3::run_search(&mut ctx, stage.name(), m)?,
+                Stage::Meds3Policy(m) => {
+                    let data = crate::meds3::policy_examples(&ctx, m)?;
+                    let t = TrainStage {
+                        name: m.name.clone(),
+                        init: m.init.clone(),
+                        sft: m.sft.clone(),
+                    };
+                    train_stage(&mut ctx, stage.name(), &t, data)?
+                }
+                Stage::Meds3Prm(m) => crate::meds3::run_prm(&mut ctx, stage.name(), m)?,
                 Stage::RejectionSampling(r) => {
                     crate::rejection_sampling::run(&mut ctx, stage.name(), r)?
                 }
@@ -306,6 +348,8 @@ pub fn base_student(cfg: &Config, world: &SynthClinic) -> Result<Policy> {
                 .map(|c| format!("The answer is {}.", c.text)),
         );
     }
+    // MedS3's fixed texts: the root sentence and the Reflect opening.
+    texts.push(format!("{} But wait,", crate::mcts::ROOT_TEXT));
     let tokenizer =
         Tokenizer::word_level(texts.iter().map(String::as_str), cfg.student.min_word_count);
     let decoder = cfg
@@ -331,27 +375,52 @@ fn textbook_examples(world: &SynthClinic) -> Vec<Example> {
         .collect()
 }
 
-/// The teacher's answer to each training question, without reasoning.
-fn answer_examples(ctx: &StageCtx) -> Result<Vec<Example>> {
+/// One example per training question: its prompt, and `completion` from the
+/// teacher.
+fn teacher_examples(
+    ctx: &StageCtx,
+    completion: impl Fn(&Oracle, &Problem) -> Result<String>,
+) -> Result<Vec<Example>> {
     let oracle = ctx.world.oracle(ctx.cfg.teacher.oracle.clone());
     let template = ctx.cfg.student.template;
     ctx.world
         .train
         .iter()
         .map(|p| {
-            let e = oracle.explain(p)?;
-            // The option the teacher picks, by its text: a bare letter would
-            // also ask the student to bind letters to options.
-            let text = p
-                .option(&e.letter)
-                .map(|c| c.text.as_str())
-                .unwrap_or_default();
             Ok(Example {
                 prompt: template.render(&p.prompt_text()),
-                completion: format!("The answer is {text}."),
+                completion: completion(&oracle, p)?,
             })
         })
         .collect()
+}
+
+/// The teacher's answer to each training question, without reasoning: the
+/// option it picks by its text (a bare letter would also ask the student to
+/// bind letters to options).
+fn answer_examples(ctx: &StageCtx) -> Result<Vec<Example>> {
+    teacher_examples(ctx, |oracle, p| {
+        let e = oracle.explain(p)?;
+        let text = p
+            .option(&e.letter)
+            .map(|c| c.text.as_str())
+            .unwrap_or_default();
+        Ok(format!("The answer is {text}."))
+    })
+}
+
+/// The teacher's reasoning on each training question in MedS3's step format:
+/// the root sentence, then "Step k: ..." ending with the teacher's answer
+/// (wrong on the teacher's noisy items, as a real teacher's would be).
+fn chain_examples(ctx: &StageCtx) -> Result<Vec<Example>> {
+    teacher_examples(ctx, |oracle, p| {
+        let steps = oracle.correct(p, &[])?;
+        Ok(format!(
+            "{}\n\n{}",
+            crate::mcts::ROOT_TEXT,
+            render_chain(&steps)
+        ))
+    })
 }
 
 fn train_stage(
@@ -363,7 +432,7 @@ fn train_stage(
     let (policy, inherited) = if stage.init.is_empty() {
         (base_student(ctx.cfg, ctx.world)?, 0)
     } else {
-        let m = &ctx.models[&stage.init];
+        let m = ctx.model(&stage.init)?;
         (
             Policy::load(&m.dir, tch::Device::Cpu, None)?,
             m.training_tokens,
@@ -406,8 +475,21 @@ fn train_stage(
 
 fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
+    let prm = if stage.prm.is_empty() {
+        None
+    } else {
+        Some(crate::meds3::Prm::load(&ctx.model(&stage.prm)?.dir)?)
+    };
+    let oracle = ctx.world.oracle(ctx.cfg.teacher.oracle.clone());
+    let labeller = |p: &Problem, steps: &[String]| {
+        let steps: Vec<medzero_envs::Step> = steps
+            .iter()
+            .map(|s| medzero_envs::Step::new(s.clone()))
+            .collect();
+        oracle.label_steps(p, &steps).ok()
+    };
     for name in &stage.models {
-        let m = &ctx.models[name];
+        let m = ctx.model(name)?;
         let policy = Policy::load(&m.dir, tch::Device::Cpu, None)?;
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.cfg.run.seed);
         let t = Instant::now();
@@ -416,8 +498,33 @@ fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
             &ctx.world.test,
             ctx.cfg.student.template,
             &stage.eval,
+            prm.as_ref(),
+            Some(&labeller),
             &mut rng,
         )?;
+        if let Some(q) = &r.prm_quality {
+            for (k, v) in [
+                ("steps", q.steps as f64),
+                ("correct_frac", q.correct_frac),
+                ("accuracy", q.accuracy),
+                ("auroc", q.auroc),
+            ] {
+                ctx.metrics
+                    .scalar(&format!("eval/{name}/prm_step_{k}"), 0, v);
+            }
+            eprintln!(
+                "{name}: PRM {} against the oracle's step labels: accuracy {:.1}%, AUROC {:.3} over {} steps ({:.1}% correct)",
+                stage.prm,
+                100.0 * q.accuracy,
+                q.auroc,
+                q.steps,
+                100.0 * q.correct_frac
+            );
+            atomic::write(
+                &ctx.dir.join(format!("prm_quality-{name}.json")),
+                serde_json::to_string_pretty(q)?.as_bytes(),
+            )?;
+        }
         ctx.metrics.scalar(
             &format!("eval/{name}/greedy_accuracy"),
             0,

@@ -91,6 +91,13 @@ struct EvalArgs {
     /// Score only the first K questions.
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Selection rules over the N samples: vote-sc, prm-max, prm-minmax,
+    /// prm-vote-sum, p-vs, bon-mean, bon-prod (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "vote-sc")]
+    select: Vec<medzero::selection::Rule>,
+    /// A PRM folder (a `meds3_prm` stage's model) for the PRM rules.
+    #[arg(long)]
+    prm: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     #[arg(long, default_value = "plain")]
@@ -313,10 +320,24 @@ fn eval(a: &EvalArgs) -> Result<()> {
         samples: a.n,
         max_new_tokens: a.max_new_tokens,
         limit: a.limit,
+        rules: a.select.clone(),
         ..EvalConfig::default()
     };
+    let prm = a
+        .prm
+        .as_deref()
+        .map(medzero::meds3::Prm::load)
+        .transpose()?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-    let r = medzero::eval::evaluate(&policy, &problems, template(&a.template)?, &cfg, &mut rng)?;
+    let r = medzero::eval::evaluate(
+        &policy,
+        &problems,
+        template(&a.template)?,
+        &cfg,
+        prm.as_ref(),
+        None,
+        &mut rng,
+    )?;
     if a.json {
         let v = serde_json::json!({"model": dir.display().to_string(), "data": a.data.display().to_string(), "report": r});
         println!("{}", serde_json::to_string_pretty(&v)?);

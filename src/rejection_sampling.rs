@@ -63,7 +63,7 @@ impl RejectionSamplingStage {
 }
 
 pub fn run(ctx: &mut StageCtx, name: &str, stage: &RejectionSamplingStage) -> Result<StageResult> {
-    let init = &ctx.models[&stage.init];
+    let init = ctx.model(&stage.init)?;
     let device = tch::Device::Cpu;
     let policy = Policy::load(&init.dir, device, None)?;
     let template = ctx.cfg.student.template;

@@ -3,7 +3,7 @@
 //! reward. The student attempts of rejection sampling, MedThink and
 //! MedCritical are this rollout.
 
-use crate::runtime::actor::Rollout;
+use crate::runtime::actor::{Rolled, Rollout};
 use anyhow::Result;
 use medzero_envs::{Problem, Provenance, Trajectory, parse_chain, verify};
 use medzero_policies::tokenizer::PromptTemplate;
@@ -48,12 +48,7 @@ impl<R: Reward> Rollout for Sampler<R> {
             .collect()
     }
 
-    fn rollout(
-        &self,
-        policy: &Policy,
-        problem: &Problem,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<Vec<Trajectory>> {
+    fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
         let params = SamplingParams {
             max_new_tokens: self.cfg.max_new_tokens,
             temperature: self.cfg.temperature,
@@ -66,7 +61,8 @@ impl<R: Reward> Rollout for Sampler<R> {
             .tokenizer
             .encode(&self.template.render(&problem.prompt_text()))?;
         let outs = policy.sample_n(&prompt, self.cfg.samples, &params, rng)?;
-        Ok(self
+        let generated_tokens = outs.iter().map(|g| g.tokens.len() as u64).sum();
+        let trajectories = self
             .ids(problem)
             .into_iter()
             .zip(outs)
@@ -83,8 +79,13 @@ impl<R: Reward> Rollout for Sampler<R> {
                     provenance: Provenance::default(),
                     tokens: g.tokens,
                     logprobs: g.logprobs,
+                    meta: serde_json::Value::Null,
                 }
             })
-            .collect())
+            .collect();
+        Ok(Rolled {
+            trajectories,
+            generated_tokens,
+        })
     }
 }

@@ -11,7 +11,7 @@
 //! - a candidate with an answer but no step scores scores 0;
 //! - a NaN score ranks below every number;
 //! - ties go to the answer (vote rules) or the candidate (best-of-N rules)
-//!   that appears first in the candidate list, as in `eval::vote`
+//!   that appears first in the candidate list, as medzero's evaluation always has
 //!   ("ties go to the answer seen first"). Totals are compared exactly.
 
 use anyhow::{Error, bail};
@@ -113,9 +113,11 @@ pub struct Candidate {
 /// The answer `rule` picks among `candidates`, or `None` if no candidate
 /// has an answer.
 pub fn select(rule: Rule, candidates: &[Candidate]) -> Option<String> {
-    let answered = candidates
-        .iter()
-        .filter_map(|c| c.answer.as_deref().map(|a| (a, sample_score(rule, &c.step_scores))));
+    let answered = candidates.iter().filter_map(|c| {
+        c.answer
+            .as_deref()
+            .map(|a| (a, sample_score(rule, &c.step_scores)))
+    });
     match rule {
         Rule::VoteSc | Rule::PrmVoteSum | Rule::PVs => {
             // Totals per answer, in order of first appearance.
@@ -229,7 +231,11 @@ mod tests {
         // A: 0.8 + 0.9 + 0.95 = 2.65; B: 0.7 + 0.5 = 1.2.
         assert_eq!(pick(Rule::PrmVoteSum, &disagreeing()), "A");
         // One confident B outweighs two doubtful A's: A 0.3 + 0.3 < B 0.7.
-        let cs = [cand("A", &[0.3]), cand("A", &[0.9, 0.3]), cand("B", &[0.1, 0.7])];
+        let cs = [
+            cand("A", &[0.3]),
+            cand("A", &[0.9, 0.3]),
+            cand("B", &[0.1, 0.7]),
+        ];
         assert_eq!(pick(Rule::PrmVoteSum, &cs), "B");
     }
 
@@ -268,13 +274,23 @@ mod tests {
     #[test]
     fn ties_go_to_the_first_answer_or_candidate() {
         // Vote ties: B appears before A.
-        let cs = [cand("B", &[0.5]), cand("A", &[0.5]), cand("A", &[0.5]), cand("B", &[0.5])];
+        let cs = [
+            cand("B", &[0.5]),
+            cand("A", &[0.5]),
+            cand("A", &[0.5]),
+            cand("B", &[0.5]),
+        ];
         for rule in [Rule::VoteSc, Rule::PrmVoteSum, Rule::PVs] {
             assert_eq!(pick(rule, &cs), "B", "{rule}");
         }
         // Best-of-N ties: the first candidate with the top score.
         let cs = [none(&[0.9]), cand("C", &[0.4, 0.9]), cand("A", &[0.4, 0.9])];
-        for rule in [Rule::PrmMax, Rule::PrmMinMax, Rule::BonMean, Rule::BonProduct] {
+        for rule in [
+            Rule::PrmMax,
+            Rule::PrmMinMax,
+            Rule::BonMean,
+            Rule::BonProduct,
+        ] {
             assert_eq!(pick(rule, &cs), "C", "{rule}");
         }
         // A NaN score ranks lowest, even when it comes first.

@@ -53,6 +53,7 @@ fn sampled(policy: &Policy) -> Vec<Trajectory> {
             provenance: Provenance::default(),
             tokens: g.tokens,
             logprobs: g.logprobs,
+            meta: serde_json::Value::Null,
         })
         .collect()
 }
@@ -129,6 +130,7 @@ fn trajectories_without_tokens_train_on_their_steps() {
         provenance: Provenance::default(),
         tokens: Vec::new(),
         logprobs: Vec::new(),
+        meta: serde_json::Value::Null,
     };
     let mut tokens = policy
         .tokenizer

@@ -32,16 +32,7 @@ log_every = 5
 "#;
 
 fn write_config(dir: &Path) -> String {
-    let path = dir.join("exp.toml");
-    std::fs::write(
-        &path,
-        CONFIG.replace(
-            "[run]",
-            &format!("[run]\nout_dir = \"{}\"", dir.join("runs").display()),
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
+    support::write_config(dir, CONFIG)
 }
 
 fn run_to_end(cfg: &str) {

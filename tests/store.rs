@@ -34,6 +34,7 @@ fn traj(i: usize) -> Trajectory {
         },
         tokens: vec![i as i64, 7],
         logprobs: vec![-0.5, i as f32 * -0.125],
+        meta: serde_json::Value::Null,
     }
 }
 
@@ -389,6 +390,7 @@ fn append_rate() -> TestResult {
         },
         tokens: Vec::new(),
         logprobs: Vec::new(),
+        meta: serde_json::Value::Null,
     };
     for (sync_every, n) in [(0, 10_000), (64, 10_000), (1, 1_000)] {
         let path = dir.path().join(format!("rate-{sync_every}.jsonl"));

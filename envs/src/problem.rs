@@ -177,4 +177,8 @@ pub struct Trajectory {
     /// (the behaviour policy of importance weighting).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<f32>,
+    /// What a particular rollout records beyond the chain (an MCTS tree's
+    /// pos/neg leaves, a teacher's correction...).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub meta: serde_json::Value,
 }

@@ -112,6 +112,27 @@ impl KvCache {
         }
     }
 
+    /// Like [`select`](Self::select), into a cache with room for `room` more
+    /// columns: continuing a node's rows past the capacity its batch had.
+    pub fn select_with_room(&self, rows: &[i64], room: i64) -> KvCache {
+        let idx = Tensor::from_slice(rows).to_device(self.valid.device());
+        let capacity = self.len + room.max(0);
+        let grow = |t: &Tensor, dim: i64| {
+            let picked = t.index_select(0, &idx).narrow(dim, 0, self.len);
+            let mut shape = picked.size();
+            shape[dim as usize] = capacity;
+            let out = Tensor::zeros(&shape, (t.kind(), t.device()));
+            out.narrow(dim, 0, self.len).copy_(&picked);
+            out
+        };
+        KvCache {
+            k: self.k.iter().map(|t| grow(t, 2)).collect(),
+            v: self.v.iter().map(|t| grow(t, 2)).collect(),
+            valid: grow(&self.valid, 1),
+            len: self.len,
+        }
+    }
+
     /// `n` copies of row `row`.
     pub fn fork(&self, row: i64, n: i64) -> KvCache {
         self.select(&vec![row; n as usize])

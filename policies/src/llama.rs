@@ -151,7 +151,7 @@ impl DecoderConfig {
             num_heads: 2,
             num_kv_heads: 1,
             head_dim: 16,
-            max_position_embeddings: 64,
+            max_position_embeddings: 512,
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
             rope_llama3: None,

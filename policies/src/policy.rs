@@ -254,6 +254,35 @@ impl Policy {
         Ok(self.decode(&mut cache, logits, next_pos, params, rng))
     }
 
+    /// Appends `tokens[i]` (equal lengths) to row i of `cache`, each row
+    /// continuing from its position `pos` [B]; returns the logits after each
+    /// row's last token [B, V] and the rows' next positions. Forces text into
+    /// a generation ("The answer is") or feeds a stopped row's last token.
+    pub fn extend(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[Vec<i64>],
+        pos: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let b = tokens.len() as i64;
+        let t = tokens.first().map_or(0, Vec::len) as i64;
+        assert!(
+            tokens.iter().all(|r| r.len() as i64 == t) && b == cache.batch() && t > 0,
+            "extend: one equal-length, non-empty token row per cache row"
+        );
+        let device = self.device();
+        let flat: Vec<i64> = tokens.concat();
+        let ids = Tensor::from_slice(&flat).view([b, t]).to_device(device);
+        let pos = pos.to_device(device);
+        let positions = pos.view([b, 1]) + Tensor::arange(t, (Kind::Int64, device)).view([1, t]);
+        let valid = Tensor::ones([b, t], (Kind::Int64, device));
+        let logits = tch::no_grad(|| {
+            let h = self.model.forward(&ids, &positions, &valid, Some(cache));
+            self.model.logits(&h.select(1, t - 1))
+        });
+        (logits, pos + t)
+    }
+
     /// `n` completions of one prompt that share its prefill: the prompt runs
     /// once and the samples continue from a forked cache.
     pub fn sample_n(

@@ -28,12 +28,15 @@ pub trait Rollout: Send + Sync {
 
     /// The trajectories of one problem. The actor stamps each with its policy
     /// version and name afterwards.
-    fn rollout(
-        &self,
-        policy: &Policy,
-        problem: &Problem,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<Vec<Trajectory>>;
+    fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled>;
+}
+
+/// What one rollout produced.
+pub struct Rolled {
+    pub trajectories: Vec<Trajectory>,
+    /// Every token generated, kept or not (MCTS generates far more than the
+    /// chains it keeps): what `perf/tokens_per_s` counts.
+    pub generated_tokens: u64,
 }
 
 /// What actors tell the learner.
@@ -41,6 +44,7 @@ pub enum ActorMsg {
     Done {
         item: WorkItem,
         trajectories: Vec<Trajectory>,
+        generated_tokens: u64,
     },
     /// The problem will not be done in this run: the rollout returned an
     /// error, or panicked on every attempt.
@@ -56,7 +60,7 @@ pub enum ActorMsg {
 #[derive(Default)]
 pub struct ActorStats {
     pub rollouts: AtomicU64,
-    /// Tokens generated (the trajectories' `tokens`).
+    /// Tokens generated.
     pub tokens: AtomicU64,
     /// Time spent waiting: for work (a closed round gate) or for room in the queue.
     pub idle_ns: AtomicU64,
@@ -147,17 +151,22 @@ pub fn run(
             shared.rollout.rollout(&policy, problem, &mut rng)
         }));
         let msg = match outcome {
-            Ok(Ok(mut trajectories)) => {
-                let mut tokens = 0;
+            Ok(Ok(Rolled {
+                mut trajectories,
+                generated_tokens,
+            })) => {
                 for t in &mut trajectories {
                     t.policy_version = version;
                     t.provenance.producer = name.clone();
                     t.provenance.stage = shared.stage.to_string();
-                    tokens += t.tokens.len() as u64;
                 }
                 stats.rollouts.fetch_add(1, Ordering::Relaxed);
-                stats.tokens.fetch_add(tokens, Ordering::Relaxed);
-                ActorMsg::Done { item, trajectories }
+                stats.tokens.fetch_add(generated_tokens, Ordering::Relaxed);
+                ActorMsg::Done {
+                    item,
+                    trajectories,
+                    generated_tokens,
+                }
             }
             Ok(Err(e)) => ActorMsg::Failed {
                 item,

@@ -521,11 +521,15 @@ impl Learner<'_> {
     /// Stores what an actor delivered and queues it for training.
     fn receive(&mut self, msg: ActorMsg) -> Result<()> {
         match msg {
-            ActorMsg::Done { trajectories, .. } => {
+            ActorMsg::Done {
+                trajectories,
+                generated_tokens,
+                ..
+            } => {
                 self.counters.rollouts += 1;
+                self.counters.generated_tokens += generated_tokens;
                 self.monitor.finished += 1;
                 for t in trajectories {
-                    self.counters.generated_tokens += t.tokens.len() as u64;
                     if !self.store.append(&t)? {
                         self.counters.duplicates += 1;
                         continue;

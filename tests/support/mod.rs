@@ -71,3 +71,15 @@ pub fn tiny_policy(words: &str, seed: u64) -> medzero_policies::Policy {
     let cfg = DecoderConfig::tiny_qwen2(tok.vocab_size() as i64, tok.eos_id());
     medzero_policies::Policy::new_random(&cfg, tok, tch::Device::Cpu, seed).unwrap()
 }
+
+/// Writes experiment `text` into `dir` with its runs under `dir/runs`;
+/// returns the config's path.
+pub fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("exp.toml");
+    let text = text.replace(
+        "[run]",
+        &format!("[run]\nout_dir = \"{}\"", dir.join("runs").display()),
+    );
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}

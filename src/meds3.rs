@@ -1,0 +1,851 @@
+//! MedS3 (arXiv 2501.12051) on medzero: the step-level tree search of
+//! [`crate::mcts`] driven by a tch policy that reuses KV caches down the tree,
+//! run as an actor rollout; policy SFT on the trees' correct chains; the
+//! process reward model trained on step values; and PRM-scored samples for
+//! P-VS and the other selection rules.
+//!
+//! Text layout. The policy is prompted with the question (the student's
+//! template), then continues from [`Tree::render_prefix`]: the root sentence
+//! and "Step k: ..." steps, ending "\n\nStep {d+1}:". A step ends where the
+//! model writes the next "Step {d+2}:" marker, or at the end of the turn.
+//! A chain-trained student writes the whole text itself, root included.
+
+use crate::experiment::{StageCtx, StageResult, TrainedModel};
+use crate::mcts::{self, Expand, MctsConfig, Meds3Record, NodeId, ROOT_TEXT, StepModel, Tree};
+use crate::runtime::actor::{Rolled, Rollout};
+use crate::runtime::learner::{
+    self, LearnerConfig, Objective, ObjectiveLoss, Online, RuntimeConfig,
+};
+use crate::sft::SftConfig;
+use anyhow::{Context, Result, bail};
+use medzero_envs::{Problem, Provenance, Step, Trajectory, atomic};
+use medzero_policies::kv_cache::KvCache;
+use medzero_policies::prm::ValueHead;
+use medzero_policies::tokenizer::PromptTemplate;
+use medzero_policies::{Policy, SamplingParams};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use tch::Tensor;
+
+/// How the policy writes steps and rollouts inside the search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepGeneration {
+    /// Most tokens of one step.
+    pub step_max_tokens: usize,
+    /// Most tokens of one rollout (the rest of a chain).
+    pub rollout_max_tokens: usize,
+    /// Sampling of candidate steps.
+    pub temperature: f64,
+    pub top_p: f64,
+    /// Rollouts of the first self-evolution round (MedS3: 0.6, top_p 0.9).
+    pub first_round_temperature: f64,
+    /// Rollouts of later rounds (MedS3: 1.0, top_p 0.9).
+    pub later_round_temperature: f64,
+    pub rollout_top_p: f64,
+    /// Continue children from their parent's KV cache (off: recompute every
+    /// prefix; for benchmarks).
+    pub prefix_reuse: bool,
+}
+
+impl Default for StepGeneration {
+    fn default() -> Self {
+        StepGeneration {
+            step_max_tokens: 48,
+            rollout_max_tokens: 160,
+            temperature: 1.0,
+            top_p: 0.9,
+            first_round_temperature: 0.6,
+            later_round_temperature: 1.0,
+            rollout_top_p: 0.9,
+            prefix_reuse: true,
+        }
+    }
+}
+
+/// Where one step ends and the next begins ("\n\nStep k:" without its number).
+const STEP_BREAK: &str = "\n\nStep";
+
+/// Rows of KV cache that continue some nodes' texts, with the logits of each
+/// row's next token and its next position.
+struct Rows {
+    cache: KvCache,
+    logits: Tensor,
+    pos: Tensor,
+}
+
+/// [`StepModel`] on a policy. With prefix reuse, the children of a node are
+/// the rows of one batch whose cache holds their whole text (the stop marker
+/// included), so expanding or rolling out a child never recomputes a prefix.
+pub struct PolicySteps<'a> {
+    policy: &'a Policy,
+    generation: &'a StepGeneration,
+    rng: &'a mut ChaCha8Rng,
+    /// The question as the student's template renders it.
+    prompt: String,
+    end_of_turn: i64,
+    root: Option<Rc<Rows>>,
+    /// The rows holding each expanded node's children, in child order.
+    children: HashMap<NodeId, Rc<Rows>>,
+    /// Tokens generated so far.
+    pub generated: u64,
+}
+
+impl<'a> PolicySteps<'a> {
+    pub fn new(
+        policy: &'a Policy,
+        generation: &'a StepGeneration,
+        template: PromptTemplate,
+        problem: &Problem,
+        rng: &'a mut ChaCha8Rng,
+    ) -> Self {
+        PolicySteps {
+            policy,
+            generation,
+            rng,
+            prompt: template.render(&problem.prompt_text()),
+            end_of_turn: policy.tokenizer.end_of_turn_id(template),
+            root: None,
+            children: HashMap::new(),
+            generated: 0,
+        }
+    }
+
+    /// How many more tokens the rows `rows` of `base` can take within the
+    /// model's context (positions, not cache columns, are what is bounded):
+    /// `want`, or less near the end of the context.
+    fn room(&self, base: &Rows, rows: &[i64], want: usize, node: NodeId) -> Result<usize> {
+        let context = self.policy.config().max_position_embeddings;
+        let idx = Tensor::from_slice(rows);
+        let furthest = base.pos.index_select(0, &idx).max().int64_value(&[]);
+        let left = (context - furthest).max(0) as usize;
+        if left < 2 {
+            bail!(
+                "node {node}: the reasoning so far fills the model's context of {context} tokens; \
+                 lower mcts.max_depth or the generation budgets"
+            );
+        }
+        Ok(want.min(left))
+    }
+
+    /// A fresh prefill of the whole text before `node`'s next step.
+    fn prefill(&self, tree: &Tree, node: NodeId) -> Result<Rc<Rows>> {
+        let text = format!("{}{}", self.prompt, tree.render_prefix(node));
+        let ids = self.policy.tokenizer.encode(&text)?;
+        let (cache, logits, pos) = self.policy.prefill(&[ids], 0)?;
+        Ok(Rc::new(Rows { cache, logits, pos }))
+    }
+
+    /// The rows continuing `node`, and which row.
+    fn state(&mut self, tree: &Tree, node: NodeId) -> Result<(Rc<Rows>, i64)> {
+        if !self.generation.prefix_reuse {
+            return Ok((self.prefill(tree, node)?, 0));
+        }
+        let Some(parent) = tree.nodes[node].parent else {
+            if self.root.is_none() {
+                self.root = Some(self.prefill(tree, node)?);
+            }
+            return Ok((self.root.clone().expect("set above"), 0));
+        };
+        let rows = self
+            .children
+            .get(&parent)
+            .with_context(|| format!("node {node}: its parent {parent} was never expanded"))?;
+        let row = tree.nodes[parent]
+            .children
+            .iter()
+            .position(|&c| c == node)
+            .expect("a node is among its parent's children");
+        Ok((rows.clone(), row as i64))
+    }
+}
+
+impl StepModel for PolicySteps<'_> {
+    fn expand(&mut self, tree: &Tree, node: NodeId, how: Expand) -> Result<Vec<String>> {
+        let (base, row) = self.state(tree, node)?;
+        // Finish writes the rest of the chain up to its answer as one node:
+        // forcing "The answer is" mid-chain makes a student that names the
+        // option in its last step answer out of turn. Reflect opens with
+        // MedS3's "But wait," and writes one step.
+        let (k, forced, budget, stop) = match how {
+            Expand::Reason(k) => (k, "", self.generation.step_max_tokens, true),
+            Expand::Finish => (1, "", self.generation.rollout_max_tokens, false),
+            Expand::Reflect => (1, "But wait,", self.generation.step_max_tokens, true),
+        };
+        let forced_ids = self.policy.tokenizer.encode(forced)?;
+        let marker = self
+            .policy
+            .tokenizer
+            .encode(&format!("Step {}:", tree.nodes[node].depth + 2))?;
+        let rows = vec![row; k];
+        let budget = self
+            .room(&base, &rows, forced_ids.len() + budget + marker.len(), node)?
+            .saturating_sub(forced_ids.len() + marker.len())
+            .max(1);
+        let room = (forced_ids.len() + budget + marker.len()) as i64;
+        let idx = Tensor::from_slice(&rows);
+        let mut cache = base.cache.select_with_room(&rows, room);
+        let mut logits = base.logits.index_select(0, &idx);
+        let mut pos = base.pos.index_select(0, &idx);
+        if !forced_ids.is_empty() {
+            (logits, pos) = self.policy.extend(&mut cache, &vec![forced_ids; k], &pos);
+        }
+        // A step ends where the model starts any next step: models skip or
+        // repeat numbers, so the number is not part of the stop string.
+        let params = SamplingParams {
+            max_new_tokens: budget,
+            temperature: self.generation.temperature,
+            top_p: self.generation.top_p,
+            stop: if stop {
+                vec![STEP_BREAK.to_string()]
+            } else {
+                Vec::new()
+            },
+            stop_token_ids: vec![self.end_of_turn],
+            ..SamplingParams::default()
+        };
+        let outs = self
+            .policy
+            .decode(&mut cache, logits, pos.shallow_clone(), &params, self.rng);
+        self.generated += outs.iter().map(|g| g.tokens.len() as u64).sum::<u64>();
+        if self.generation.prefix_reuse {
+            // Each row's last sampled token is not in the cache yet. In its
+            // place every row gets the canonical marker of the next step,
+            // "Step {d+2}:", so the rows hold exactly the text
+            // `render_prefix` gives the children. (A row that ran out of
+            // budget loses its last token from the cache, not from its text;
+            // one that ended its turn is a finished leaf, never continued.)
+            let lens: Vec<i64> = outs
+                .iter()
+                .map(|g| g.tokens.len().max(1) as i64 - 1)
+                .collect();
+            let at = &pos + Tensor::from_slice(&lens).to_device(pos.device());
+            let (logits, pos) = self.policy.extend(&mut cache, &vec![marker; k], &at);
+            self.children
+                .insert(node, Rc::new(Rows { cache, logits, pos }));
+        }
+        Ok(outs
+            .into_iter()
+            .map(|g| format!("{forced} {}", g.text.trim()).trim().to_string())
+            .collect())
+    }
+
+    fn rollouts(
+        &mut self,
+        tree: &Tree,
+        requests: &[(NodeId, usize)],
+        iteration: usize,
+    ) -> Result<Vec<Vec<String>>> {
+        let params = SamplingParams {
+            max_new_tokens: self.generation.rollout_max_tokens,
+            temperature: if iteration == 0 {
+                self.generation.first_round_temperature
+            } else {
+                self.generation.later_round_temperature
+            },
+            top_p: self.generation.rollout_top_p,
+            stop_token_ids: vec![self.end_of_turn],
+            ..SamplingParams::default()
+        };
+        // Requests continuing rows of one batch (the children of one node)
+        // run as one batch; others run one after the other.
+        let mut out: Vec<Vec<String>> = vec![Vec::new(); requests.len()];
+        // (request index, row, samples) of the requests on each batch of rows.
+        type Members = Vec<(usize, i64, usize)>;
+        let mut groups: Vec<(Rc<Rows>, Members)> = Vec::new();
+        for (i, &(node, n)) in requests.iter().enumerate() {
+            let (rows, row) = self.state(tree, node)?;
+            match groups.iter_mut().find(|(r, _)| Rc::ptr_eq(r, &rows)) {
+                Some((_, members)) => members.push((i, row, n)),
+                None => groups.push((rows, vec![(i, row, n)])),
+            }
+        }
+        for (rows, members) in groups {
+            let picked: Vec<i64> = members
+                .iter()
+                .flat_map(|&(_, row, n)| std::iter::repeat_n(row, n))
+                .collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let idx = Tensor::from_slice(&picked);
+            let budget = self.room(
+                &rows,
+                &picked,
+                params.max_new_tokens,
+                requests[members[0].0].0,
+            )?;
+            let mut cache = rows.cache.select_with_room(&picked, budget as i64);
+            let outs = self.policy.decode(
+                &mut cache,
+                rows.logits.index_select(0, &idx),
+                rows.pos.index_select(0, &idx),
+                &SamplingParams {
+                    max_new_tokens: budget,
+                    ..params.clone()
+                },
+                self.rng,
+            );
+            self.generated += outs.iter().map(|g| g.tokens.len() as u64).sum::<u64>();
+            let mut texts = outs.into_iter().map(|g| g.text);
+            for &(i, _, n) in &members {
+                out[i] = texts.by_ref().take(n).collect();
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One search per problem, as an actor rollout: the trajectory holds the
+/// tree's MedS3 record (`meta`) and, as its chain, the best correct leaf (or
+/// the best leaf).
+pub struct MctsRollout {
+    pub mcts: MctsConfig,
+    pub generation: StepGeneration,
+    pub template: PromptTemplate,
+    pub iteration: usize,
+}
+
+impl Rollout for MctsRollout {
+    fn ids(&self, problem: &Problem) -> Vec<String> {
+        vec![format!("{}/mcts", problem.id)]
+    }
+
+    fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
+        let mut model = PolicySteps::new(policy, &self.generation, self.template, problem, rng);
+        let tree = mcts::search(problem, &self.mcts, &mut model, self.iteration)?;
+        let record = Meds3Record::from_tree(problem, &tree);
+        let best = record
+            .pos
+            .iter()
+            .chain(&record.neg)
+            .max_by(|a, b| a.value.total_cmp(&b.value));
+        let steps: Vec<Step> = best
+            .map(|l| l.chain.iter().map(|s| Step::new(s.text.clone())).collect())
+            .unwrap_or_default();
+        let trajectory = Trajectory {
+            id: self.ids(problem).remove(0),
+            problem_id: problem.id.clone(),
+            answer: steps
+                .last()
+                .and_then(|s| medzero_envs::verify::extract_answer(&s.text)),
+            reward: (!record.pos.is_empty()) as u8 as f32,
+            values: best
+                .map(|l| l.chain.iter().map(|s| s.value as f32).collect())
+                .unwrap_or_default(),
+            steps,
+            policy_version: 0,
+            provenance: Provenance {
+                producer: String::new(),
+                stage: String::new(),
+                saw_gold: true,
+            },
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            meta: serde_json::json!({ "record": record, "nodes": tree.nodes.len() }),
+        };
+        Ok(Rolled {
+            trajectories: vec![trajectory],
+            generated_tokens: model.generated,
+        })
+    }
+}
+
+/// A search stage's problems, searched once each; nothing is trained.
+struct StoreOnly;
+
+impl Objective for StoreOnly {
+    fn accepts(&self, _: &Trajectory) -> bool {
+        false
+    }
+    fn loss(&mut self, _: &Policy, _: &[Trajectory]) -> Result<ObjectiveLoss> {
+        bail!("a search stage trains nothing")
+    }
+}
+
+/// The file a search stage leaves: MedS3's release format, one JSON record
+/// per line, in problem order.
+pub const RECORDS_FILE: &str = "meds3.jsonl";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchStage {
+    pub name: Option<String>,
+    /// The stage whose model searches.
+    pub init: String,
+    /// Training problems searched, from the start of the train split (0: all).
+    pub problems: usize,
+    /// Skip this many training problems first (disjoint rounds).
+    pub offset: usize,
+    /// Self-evolution round (0 = first): picks the rollout temperature.
+    pub iteration: usize,
+    pub mcts: MctsConfig,
+    pub generation: StepGeneration,
+    pub runtime: RuntimeConfig,
+}
+
+pub fn run_search(ctx: &mut StageCtx, name: &str, stage: &SearchStage) -> Result<StageResult> {
+    stage.mcts.validate()?;
+    let init = ctx.model(&stage.init)?;
+    let device = tch::Device::Cpu;
+    let policy = Policy::load(&init.dir, device, None)?;
+    let train = &ctx.world.train;
+    let start = stage.offset.min(train.len());
+    let end = if stage.problems == 0 {
+        train.len()
+    } else {
+        (start + stage.problems).min(train.len())
+    };
+    let problems = &train[start..end];
+    let rollout = MctsRollout {
+        mcts: stage.mcts.clone(),
+        generation: stage.generation.clone(),
+        template: ctx.cfg.student.template,
+        iteration: stage.iteration,
+    };
+    let init_dir = init.dir.clone();
+    let build = move || Ok(Policy::load(&init_dir, device, None)?);
+    let report = learner::run(Online {
+        name,
+        dir: ctx.dir,
+        problems,
+        rollout: &rollout,
+        objective: &mut StoreOnly,
+        policy: &policy,
+        build_actor_policy: &build,
+        runtime: &stage.runtime,
+        learner: &LearnerConfig::default(),
+        seed: ctx.cfg.run.seed,
+        metrics: ctx.metrics,
+        stop: ctx.stop,
+    })?;
+    // The records in problem order, whatever order the actors finished in.
+    let stored =
+        crate::runtime::store::read_trajectories(&ctx.dir.join("trajectories.jsonl"), false)?;
+    let by_problem: HashMap<&str, &Trajectory> =
+        stored.iter().map(|t| (t.problem_id.as_str(), t)).collect();
+    let mut lines = String::new();
+    let (mut with_pos, mut pos, mut neg, mut nodes) = (0, 0, 0, 0u64);
+    for p in problems {
+        let Some(t) = by_problem.get(p.id.as_str()) else {
+            continue; // failed in this run; a rerun tries it again
+        };
+        let record: Meds3Record = serde_json::from_value(t.meta["record"].clone())
+            .with_context(|| format!("trajectory {} has no MedS3 record", t.id))?;
+        with_pos += !record.pos.is_empty() as usize;
+        pos += record.pos.len();
+        neg += record.neg.len();
+        nodes += t.meta["nodes"].as_u64().unwrap_or(0);
+        lines.push_str(&serde_json::to_string(&record)?);
+        lines.push('\n');
+    }
+    atomic::write(&ctx.dir.join(RECORDS_FILE), lines.as_bytes())?;
+    let n = problems.len().max(1) as f64;
+    ctx.metrics
+        .scalar(&format!("{name}/solved_frac"), 0, with_pos as f64 / n);
+    ctx.metrics
+        .scalar(&format!("{name}/nodes_per_tree"), 0, nodes as f64 / n);
+    eprintln!(
+        "{name}: {} trees, {with_pos} with a correct leaf, {pos} pos / {neg} neg chains, \
+         {:.1} nodes per tree, {} tokens generated, {:.1}s",
+        problems.len(),
+        nodes as f64 / n,
+        report.counters.generated_tokens,
+        report.wall_s
+    );
+    Ok(StageResult {
+        rows: Vec::new(),
+        model: None,
+    })
+}
+
+/// The records of the named search stages, in stage order, each with its
+/// training problem.
+fn records<'w>(ctx: &StageCtx<'w>, stages: &[String]) -> Result<Vec<(&'w Problem, Meds3Record)>> {
+    let questions: HashMap<&str, &Problem> =
+        ctx.world.train.iter().map(|p| (p.id.as_str(), p)).collect();
+    let mut out = Vec::new();
+    for s in stages {
+        let path = ctx.stage_dir(s)?.join(RECORDS_FILE);
+        for r in mcts::read_records(&path)? {
+            let Some(&p) = questions.get(r.id.as_str()) else {
+                bail!(
+                    "{}: record {} is not a training problem of this run's world",
+                    path.display(),
+                    r.id
+                )
+            };
+            out.push((p, r));
+        }
+    }
+    Ok(out)
+}
+
+/// Policy SFT on the correct chains of one or more search stages (MedS3's
+/// self-evolution trains round k+1 on the union of rounds 1..=k).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyStage {
+    pub name: Option<String>,
+    pub init: String,
+    /// Search stages whose `pos` chains are trained on.
+    pub data: Vec<String>,
+    pub sft: SftConfig,
+}
+
+pub fn policy_examples(ctx: &StageCtx, stage: &PolicyStage) -> Result<Vec<crate::sft::Example>> {
+    let template = ctx.cfg.student.template;
+    let mut examples = Vec::new();
+    for (p, r) in records(ctx, &stage.data)? {
+        for leaf in &r.pos {
+            examples.push(crate::sft::Example {
+                prompt: template.render(&p.prompt_text()),
+                completion: chain_text(&leaf.chain),
+            });
+        }
+    }
+    if examples.is_empty() {
+        bail!(
+            "the searches {:?} found no correct chain to train on",
+            stage.data
+        );
+    }
+    Ok(examples)
+}
+
+/// What the student writes for a chain: the root sentence, then the steps.
+pub fn chain_text(chain: &[mcts::Meds3Step]) -> String {
+    format!("{ROOT_TEXT}\n\n{}", mcts::sft_text(chain))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrmLabels {
+    /// The MCTS value of each step (MedS3 v1).
+    Soft,
+    /// `l_i = v_i - lambda (l_{i-1} - v_i)` (the later version).
+    DualSided,
+}
+
+/// PRM training on the search stages' pos and neg chains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrmStage {
+    pub name: Option<String>,
+    /// The backbone (a policy stage); the head starts fresh.
+    pub init: String,
+    pub data: Vec<String>,
+    pub labels: PrmLabels,
+    pub lambda: f64,
+    /// Use min(#pos, #neg) chains of each kind per question, as MedS3 does;
+    /// off: every chain.
+    pub balance: bool,
+    pub sft: SftConfig,
+}
+
+impl Default for PrmStage {
+    fn default() -> Self {
+        PrmStage {
+            name: None,
+            init: String::new(),
+            data: Vec::new(),
+            labels: PrmLabels::Soft,
+            lambda: 1.0,
+            balance: true,
+            sft: SftConfig::default(),
+        }
+    }
+}
+
+/// One PRM training sequence: token ids, the last token of each step, and
+/// each step's label.
+pub struct PrmExample {
+    pub ids: Vec<i64>,
+    pub step_ends: Vec<i64>,
+    pub labels: Vec<f64>,
+}
+
+/// Token ids of `prompt` + the root and `steps`, and the position of each
+/// step's last token (encoding each prefix, so the positions are exact for
+/// any tokenizer that encodes a prefix as a prefix of the whole).
+pub fn encode_steps(
+    policy: &Policy,
+    prompt: &str,
+    steps: &[String],
+) -> Result<(Vec<i64>, Vec<i64>)> {
+    let mut text = format!("{prompt}{ROOT_TEXT}");
+    let mut ends = Vec::with_capacity(steps.len());
+    for (k, s) in steps.iter().enumerate() {
+        text.push_str(&format!("\n\nStep {}: {s}", k + 1));
+        let n = policy.tokenizer.encode(&text)?.len() as i64;
+        ends.push(n - 1);
+    }
+    Ok((policy.tokenizer.encode(&text)?, ends))
+}
+
+fn prm_examples(ctx: &StageCtx, stage: &PrmStage, policy: &Policy) -> Result<Vec<PrmExample>> {
+    let template = ctx.cfg.student.template;
+    let mut out = Vec::new();
+    for (p, r) in records(ctx, &stage.data)? {
+        let keep = if stage.balance {
+            r.pos.len().min(r.neg.len())
+        } else {
+            usize::MAX
+        };
+        for leaf in r.pos.iter().take(keep).chain(r.neg.iter().take(keep)) {
+            let steps: Vec<String> = leaf.chain.iter().map(|s| s.text.clone()).collect();
+            let (ids, step_ends) =
+                encode_steps(policy, &template.render(&p.prompt_text()), &steps)?;
+            let labels = match stage.labels {
+                PrmLabels::Soft => mcts::soft_labels(&leaf.chain),
+                PrmLabels::DualSided => mcts::dual_sided_labels(&leaf.chain, stage.lambda),
+            };
+            out.push(PrmExample {
+                ids,
+                step_ends,
+                labels,
+            });
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "the searches {:?} left no PRM data{}",
+            stage.data,
+            if stage.balance {
+                " (balance = true keeps only questions with both correct and wrong chains)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(out)
+}
+
+pub fn run_prm(ctx: &mut StageCtx, name: &str, stage: &PrmStage) -> Result<StageResult> {
+    let init = ctx.model(&stage.init)?;
+    let policy = Policy::load(&init.dir, tch::Device::Cpu, None)?;
+    tch::manual_seed(ctx.cfg.run.seed as i64);
+    let head = policy.add_value_head();
+    let data = prm_examples(ctx, stage, &policy)?;
+    let report = train_prm(
+        &policy,
+        &head,
+        &data,
+        &stage.sft,
+        ctx.cfg.run.seed,
+        ctx.dir,
+        name,
+        ctx,
+    )?;
+    let model_dir = ctx.dir.join("model");
+    policy.save(&model_dir)?;
+    Ok(StageResult {
+        rows: Vec::new(),
+        model: Some(TrainedModel {
+            dir: model_dir,
+            training_tokens: init.training_tokens + report.tokens,
+            wall_s: report.wall_s,
+        }),
+    })
+}
+
+pub struct PrmReport {
+    pub steps: usize,
+    pub tokens: u64,
+    pub wall_s: f64,
+}
+
+/// Soft-label cross-entropy on the head, the backbone trained with it;
+/// checkpointed and resumable like SFT.
+#[allow(clippy::too_many_arguments)]
+fn train_prm(
+    policy: &Policy,
+    head: &ValueHead,
+    data: &[PrmExample],
+    cfg: &SftConfig,
+    seed: u64,
+    dir: &Path,
+    tag: &str,
+    ctx: &mut StageCtx,
+) -> Result<PrmReport> {
+    use crate::checkpoint::{Checkpoints, TrainerState};
+    use medzero_policies::generate::pad_right_to;
+    use medzero_policies::optim::{AdamW, AdamWConfig, Schedule};
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+
+    cfg.validate()?;
+    let total_steps = ((cfg.epochs * data.len() as f64) / cfg.batch_size as f64).ceil() as usize;
+    let schedule = Schedule {
+        kind: cfg.schedule,
+        warmup_steps: (cfg.warmup_ratio * total_steps as f64).round() as usize,
+        total_steps,
+    };
+    let mut opt = AdamW::new(
+        policy.named_parameters(),
+        AdamWConfig {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay,
+        },
+        AdamW::default_decay,
+    )?;
+    let ckpts = Checkpoints::new(&dir.join("checkpoints"), cfg.keep_checkpoints);
+    std::fs::create_dir_all(dir.join("checkpoints"))?;
+    let mut state = TrainerState::default();
+    if let Some(path) = ckpts.latest()? {
+        state = ckpts.restore(&path, policy, &mut opt)?;
+        eprintln!(
+            "{tag}: resuming from {} (step {})",
+            path.display(),
+            state.step
+        );
+    }
+    let order = |epoch: usize| {
+        let mut o: Vec<usize> = (0..data.len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(epoch as u64 + 1);
+        o.shuffle(&mut rng);
+        o
+    };
+    let started = Instant::now();
+    let before = state.elapsed_s;
+    let mut current = order(state.epoch);
+    while state.step < total_steps {
+        let mut picked = Vec::with_capacity(cfg.batch_size);
+        while picked.len() < cfg.batch_size {
+            if state.position == current.len() {
+                state.epoch += 1;
+                state.position = 0;
+                current = order(state.epoch);
+            }
+            picked.push(&data[current[state.position]]);
+            state.position += 1;
+        }
+        let ids: Vec<Vec<i64>> = picked.iter().map(|e| e.ids.clone()).collect();
+        let (ids, mask) = pad_right_to(&ids, policy.tokenizer.pad_id(), 16);
+        let k = picked
+            .iter()
+            .map(|e| e.step_ends.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut positions = Vec::with_capacity(picked.len() * k);
+        let mut labels = Vec::with_capacity(picked.len() * k);
+        let mut label_mask = Vec::with_capacity(picked.len() * k);
+        for e in &picked {
+            for j in 0..k {
+                positions.push(*e.step_ends.get(j).unwrap_or(&0));
+                labels.push(*e.labels.get(j).unwrap_or(&0.0) as f32);
+                label_mask.push((j < e.step_ends.len()) as u8 as f32);
+            }
+        }
+        let shape = [picked.len() as i64, k as i64];
+        let loss = head.loss(
+            policy,
+            &ids,
+            &mask,
+            &Tensor::from_slice(&positions).view(shape),
+            &Tensor::from_slice(&labels).view(shape),
+            &Tensor::from_slice(&label_mask).view(shape),
+        );
+        loss.backward();
+        let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm.max(f64::MIN_POSITIVE));
+        let lr = schedule.lr(cfg.lr, state.step);
+        opt.step(lr);
+        opt.zero_grad();
+        state.step += 1;
+        state.tokens_seen += mask.sum(tch::Kind::Int64).int64_value(&[]) as u64;
+        let step = state.step as u64;
+        if state.step % cfg.log_every.max(1) == 0 || state.step == total_steps {
+            ctx.metrics
+                .scalar(&format!("{tag}/loss"), step, loss.double_value(&[]));
+            ctx.metrics
+                .scalar(&format!("{tag}/learning_rate"), step, lr);
+            ctx.metrics
+                .scalar(&format!("{tag}/grad_norm"), step, grad_norm);
+        }
+        let stopping = ctx.stop.load(Ordering::SeqCst);
+        let due = cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0;
+        if due || stopping || state.step == total_steps {
+            state.elapsed_s = before + started.elapsed().as_secs_f64();
+            ckpts.save(policy, &opt, &state)?;
+        }
+        if stopping {
+            bail!(
+                "{tag}: stopped at step {}/{total_steps} by a signal; the checkpoint is saved, rerun to resume",
+                state.step
+            );
+        }
+    }
+    Ok(PrmReport {
+        steps: state.step,
+        tokens: state.tokens_seen,
+        wall_s: before + started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A PRM: a policy folder saved with its head.
+pub struct Prm {
+    pub policy: Policy,
+    pub head: ValueHead,
+}
+
+impl Prm {
+    pub fn load(dir: &Path) -> Result<Prm> {
+        let (policy, head) = Policy::load_with_head(dir, tch::Device::Cpu, None)
+            .with_context(|| format!("loading the PRM in {}", dir.display()))?;
+        Ok(Prm { policy, head })
+    }
+
+    /// P(correct) at the end of each step of each chain (after `prompt`),
+    /// batched.
+    pub fn score(&self, prompt: &str, chains: &[Vec<String>]) -> Result<Vec<Vec<f64>>> {
+        let mut ids = Vec::with_capacity(chains.len());
+        let mut ends = Vec::with_capacity(chains.len());
+        for c in chains {
+            let (i, e) = encode_steps(&self.policy, prompt, c)?;
+            ids.push(i);
+            ends.push(e);
+        }
+        let k = ends.iter().map(Vec::len).max().unwrap_or(0);
+        if k == 0 {
+            return Ok(vec![Vec::new(); chains.len()]);
+        }
+        let (ids_t, mask) =
+            medzero_policies::generate::pad_right(&ids, self.policy.tokenizer.pad_id());
+        let positions: Vec<i64> = ends
+            .iter()
+            .flat_map(|e| (0..k).map(move |j| *e.get(j).unwrap_or(&0)))
+            .collect();
+        let positions = Tensor::from_slice(&positions).view([chains.len() as i64, k as i64]);
+        let scores = tch::no_grad(|| self.head.scores(&self.policy, &ids_t, &mask, &positions));
+        let flat = Vec::<f32>::try_from(&scores.flatten(0, -1))?;
+        Ok(ends
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (0..e.len()).map(|j| flat[i * k + j] as f64).collect())
+            .collect())
+    }
+}
+
+/// The steps a sampled response holds, after the root sentence.
+pub fn response_steps(text: &str) -> Vec<String> {
+    let body = text.trim_start().strip_prefix(ROOT_TEXT).unwrap_or(text);
+    medzero_envs::parse_chain(body)
+        .into_iter()
+        .map(|s| s.text)
+        .collect()
+}
+
+/// Where a run keeps a stage's folder; `name` must be an earlier stage.
+pub fn stage_folder(run_dir: &Path, index: usize, name: &str) -> PathBuf {
+    run_dir.join("stages").join(format!("{index}-{name}"))
+}
