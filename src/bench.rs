@@ -262,6 +262,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         ratio: None,
     });
 
+    rows.extend(mcts_rows(&policy, &world)?);
     rows.extend(queue_rows());
     rows.extend(runtime_rows(&policy, &world, cfg)?);
 
@@ -307,6 +308,85 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         peer_versions,
         rows,
     })
+}
+
+/// MedS3's tree search on one SynthClinic question with the bench student:
+/// nodes/s and generated tokens/s at max_nodes 20, 60 and 200, and prefix
+/// reuse on against off (same policy, seed and budgets; the trees differ
+/// because a recomputed prefix is re-tokenised text rather than the sampled
+/// tokens). The untrained student rarely ends a step, so steps and rollouts
+/// run to their budgets (24 and 64 tokens): an upper bound on cost per node.
+fn mcts_rows(policy: &Policy, world: &SynthClinic) -> Result<Vec<BenchRow>> {
+    use crate::mcts::{self, MctsConfig};
+    use crate::meds3::{PolicySteps, StepGeneration};
+    use medzero_policies::tokenizer::PromptTemplate;
+    let problem = &world.test[0];
+    let run = |max_nodes: usize, reuse: bool| -> Result<(f64, f64, usize)> {
+        let generation = StepGeneration {
+            step_max_tokens: 24,
+            rollout_max_tokens: 64,
+            prefix_reuse: reuse,
+            ..StepGeneration::default()
+        };
+        let cfg = MctsConfig {
+            max_nodes,
+            ..MctsConfig::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut model = PolicySteps::new(
+            policy,
+            &generation,
+            PromptTemplate::Plain,
+            problem,
+            &mut rng,
+        );
+        let t = Instant::now();
+        let tree = mcts::search(problem, &cfg, &mut model, 0)?;
+        let secs = t.elapsed().as_secs_f64();
+        Ok((
+            tree.nodes.len() as f64 / secs,
+            model.generated as f64 / secs,
+            tree.nodes.len(),
+        ))
+    };
+    let mut rows = Vec::new();
+    for max_nodes in [20, 60, 200] {
+        let (nodes_per_s, tokens_per_s, nodes) = run(max_nodes, true)?;
+        rows.push(BenchRow {
+            name: format!("MCTS max_nodes {max_nodes} ({nodes} nodes), prefix reuse"),
+            unit: "nodes/s".into(),
+            medzero: nodes_per_s,
+            peer: None,
+            ratio: None,
+        });
+        rows.push(BenchRow {
+            name: format!("MCTS max_nodes {max_nodes}, generated tokens"),
+            unit: "tokens/s".into(),
+            medzero: tokens_per_s,
+            peer: None,
+            ratio: None,
+        });
+        if max_nodes == 60 {
+            let (off, off_tokens, off_nodes) = run(max_nodes, false)?;
+            rows.push(BenchRow {
+                name: format!(
+                    "MCTS max_nodes 60, prefix reuse on (peer: off, recomputed; {off_nodes} nodes)"
+                ),
+                unit: "nodes/s".into(),
+                medzero: nodes_per_s,
+                peer: Some(off),
+                ratio: Some(nodes_per_s / off),
+            });
+            rows.push(BenchRow {
+                name: "MCTS max_nodes 60, generated tokens, reuse on (peer: off)".into(),
+                unit: "tokens/s".into(),
+                medzero: tokens_per_s,
+                peer: Some(off_tokens),
+                ratio: Some(tokens_per_s / off_tokens),
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// The trajectory queue against `std::sync::mpsc::sync_channel` and a

@@ -188,4 +188,35 @@ fn the_meds3_pipeline_runs_end_to_end() {
     )
     .unwrap();
     assert!(q["steps"].as_u64().unwrap() > 0, "{q}");
+
+    // The CLI: PRM rules without a PRM are refused with what to do.
+    let model = run.join("stages/1-chains/model");
+    let data = run.join("data/test.jsonl");
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let o = support::medzero(&[
+        "eval", model, "--data", data, "--n", "2", "--select", "p-vs",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("need a PRM"), "{}", stderr(&o));
+    let prm = run.join("stages/3-prm/model");
+    let o = support::medzero(&[
+        "eval",
+        model,
+        "--data",
+        data,
+        "--n",
+        "2",
+        "--select",
+        "vote-sc,p-vs",
+        "--prm",
+        prm.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = support::stdout(&o);
+    assert!(out.contains("p-vs@2") && out.contains("vote-sc@2"), "{out}");
+    let o = support::medzero(&[
+        "eval", model, "--data", data, "--n", "2", "--select", "p-vz",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("p-vz"), "{}", stderr(&o));
 }
