@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod experiment;
+pub mod http_teacher;
 pub mod mcts;
 pub mod meds3;
 pub mod monitor;
