@@ -92,9 +92,22 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
     let dir = cfg.run.out_dir.join(&cfg.run.name);
     let resolved = cfg.to_toml();
     let config_path = dir.join("config.toml");
-    if fresh && dir.exists() {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("removing {} for --fresh", dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _lock = lock_run(&dir)?;
+    if fresh {
+        // Everything but the lock this process holds.
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.file_name() == Some(std::ffi::OsStr::new(".lock")) {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("removing {} for --fresh", path.display()))?;
+        }
     }
     if config_path.exists() {
         let old = std::fs::read_to_string(&config_path)
@@ -220,6 +233,29 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
         results,
         resumed_stages: resumed,
     })
+}
+
+/// Holds the run folder for this process: two processes writing one run
+/// would interleave stores and checkpoints. The kernel drops the lock when
+/// the process ends, however it ends, so a killed run leaves nothing stale.
+fn lock_run(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "run {} is in use by another medzero process; wait for it to end (or stop it) before resuming",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// Dotted paths at which two TOML documents differ.

@@ -178,9 +178,16 @@ fn deterministic_mode_reproduces_bit_for_bit_and_survives_sigkill_and_sigterm() 
         "same seed, different trajectories"
     );
 
-    // SIGKILL mid-stage.
+    // SIGKILL mid-stage; meanwhile a second process on the same run is refused.
     let killed = setup(str::to_string);
     let mut child = start_and_wait(&killed, 100);
+    let o = medzero_run(&killed.cfg, &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("in use by another medzero process"),
+        "{}",
+        stderr(&o)
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!killed.stage.join("result.json").exists());

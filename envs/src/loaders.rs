@@ -1022,12 +1022,12 @@ fn medqa(o: &Obj, ordinal: usize, source: &str) -> Result<Problem, String> {
     let gold = letter_gold(&options, answer_idx, "answer_idx")?;
     let answer = opt_string(o, "answer", "answer")?;
     let gold_option = options.iter().find(|c| c.letter == answer_idx);
-    if let (Some(answer), Some(Choice { text: expected, .. })) = (answer, gold_option) {
-        if answer.trim() != expected {
-            return Err(format!(
-                "answer {answer:?} is not the text of option {answer_idx} ({expected:?})"
-            ));
-        }
+    if let (Some(answer), Some(Choice { text: expected, .. })) = (answer, gold_option)
+        && answer.trim() != expected
+    {
+        return Err(format!(
+            "answer {answer:?} is not the text of option {answer_idx} ({expected:?})"
+        ));
     }
     let task = opt_string(o, "meta_info", "meta_info")?.unwrap_or_default();
     Ok(Problem {

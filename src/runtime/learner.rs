@@ -495,10 +495,14 @@ impl Learner<'_> {
                     if !self.step(false)? {
                         continue;
                     }
-                    if self.state.step % self.runtime.publish_every == 0 {
+                    if self.state.step.is_multiple_of(self.runtime.publish_every) {
                         self.publish();
                     }
-                    if self.state.step % self.cfg.checkpoint_every.max(1) == 0 {
+                    if self
+                        .state
+                        .step
+                        .is_multiple_of(self.cfg.checkpoint_every.max(1))
+                    {
                         self.checkpoint()?;
                     }
                 }
@@ -617,7 +621,7 @@ impl Learner<'_> {
         self.lags.extend(&lags);
 
         let step = self.state.step as u64;
-        if self.state.step % self.cfg.log_every.max(1) == 0 {
+        if self.state.step.is_multiple_of(self.cfg.log_every.max(1)) {
             let m = &mut *self.metrics;
             m.scalar("train/loss", step, out.loss.double_value(&[]));
             m.scalar("train/learning_rate", step, lr);
