@@ -199,17 +199,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let n = cfg.samples;
     let mut r = ChaCha8Rng::seed_from_u64(2);
     let forked = best(cfg.repeats, || {
-        let (cache, logits, pos) =
-            policy.prefill(std::slice::from_ref(&prompt), short.max_new_tokens)?;
-        let mut many = cache.fork(0, n as i64);
-        policy.decode(
-            &mut many,
-            logits.repeat([n as i64, 1]),
-            pos.repeat([n as i64]),
-            &short,
-            &mut r,
-        );
-        Ok(())
+        Ok(policy.sample_n(&prompt, n, &short, &mut r).map(|_| ())?)
     })?;
     let copies = vec![prompt.clone(); n];
     let recomputed = best(cfg.repeats, || {
@@ -434,17 +424,6 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
     policy.save(&model_dir)?;
     let problems = &world.train[..64.min(world.train.len())];
     let template = PromptTemplate::Plain;
-    let prompts = problems
-        .iter()
-        .map(|p| {
-            Ok((
-                p.id.clone(),
-                policy
-                    .tokenizer
-                    .encode(&template.render(&p.prompt_text()))?,
-            ))
-        })
-        .collect::<Result<std::collections::HashMap<_, _>>>()?;
     let rollout = Sampler {
         cfg: SamplingConfig {
             samples: 4,
@@ -465,13 +444,7 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
     for (k, (name, mode, actors, actor_threads)) in setups.into_iter().enumerate() {
         let dir = root.join(format!("{k}-{name}"));
         let learner_policy = build()?;
-        let mut objective = TrajectorySft {
-            prompts: prompts.clone(),
-            min_reward: 0.0,
-            importance_clip: 0.0,
-            max_len: 512,
-            template,
-        };
+        let mut objective = TrajectorySft::new(&learner_policy, problems, template, 0.0, 0.0, 512)?;
         let t = Instant::now();
         let report = learner::run(Online {
             name,

@@ -26,7 +26,7 @@ use medzero_policies::{Policy, SamplingParams};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use tch::Tensor;
 
@@ -674,8 +674,6 @@ fn train_prm(
     use crate::checkpoint::{Checkpoints, TrainerState};
     use medzero_policies::generate::pad_right_to;
     use medzero_policies::optim::{AdamW, AdamWConfig, Schedule};
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
     use std::sync::atomic::Ordering;
     use std::time::Instant;
 
@@ -708,13 +706,7 @@ fn train_prm(
             state.step
         );
     }
-    let order = |epoch: usize| {
-        let mut o: Vec<usize> = (0..data.len()).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(epoch as u64 + 1);
-        o.shuffle(&mut rng);
-        o
-    };
+    let order = |epoch: usize| crate::sft::epoch_order(data.len(), seed, epoch);
     let started = Instant::now();
     let before = state.elapsed_s;
     let mut current = order(state.epoch);
@@ -843,9 +835,4 @@ pub fn response_steps(text: &str) -> Vec<String> {
         .into_iter()
         .map(|s| s.text)
         .collect()
-}
-
-/// Where a run keeps a stage's folder; `name` must be an earlier stage.
-pub fn stage_folder(run_dir: &Path, index: usize, name: &str) -> PathBuf {
-    run_dir.join("stages").join(format!("{index}-{name}"))
 }

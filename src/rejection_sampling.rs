@@ -73,22 +73,14 @@ pub fn run(ctx: &mut StageCtx, name: &str, stage: &RejectionSamplingStage) -> Re
     } else {
         &train[..]
     };
-    let prompts = problems
-        .iter()
-        .map(|p| {
-            let ids = policy
-                .tokenizer
-                .encode(&template.render(&p.prompt_text()))?;
-            Ok((p.id.clone(), ids))
-        })
-        .collect::<Result<_>>()?;
-    let mut objective = TrajectorySft {
-        prompts,
-        min_reward: stage.min_reward,
-        importance_clip: stage.importance_clip,
-        max_len: stage.max_len,
+    let mut objective = TrajectorySft::new(
+        &policy,
+        problems,
         template,
-    };
+        stage.min_reward,
+        stage.importance_clip,
+        stage.max_len,
+    )?;
     let rollout = Sampler {
         cfg: stage.sampling.clone(),
         template,

@@ -112,7 +112,7 @@ fn encode(policy: &Policy, e: &Example, end: i64, max_len: usize) -> Result<Enco
 
 /// The order of epoch `epoch`: a pure function of the seed, so a resumed run
 /// needs only (epoch, position) to continue with the same data.
-fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+pub(crate) fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(epoch as u64 + 1);
@@ -323,6 +323,35 @@ pub struct TrajectorySft {
     pub importance_clip: f64,
     pub max_len: usize,
     pub template: PromptTemplate,
+}
+
+impl TrajectorySft {
+    /// The objective over `problems`, their prompts rendered by `template`.
+    pub fn new(
+        policy: &Policy,
+        problems: &[medzero_envs::Problem],
+        template: PromptTemplate,
+        min_reward: f32,
+        importance_clip: f64,
+        max_len: usize,
+    ) -> Result<TrajectorySft> {
+        let prompts = problems
+            .iter()
+            .map(|p| {
+                let ids = policy
+                    .tokenizer
+                    .encode(&template.render(&p.prompt_text()))?;
+                Ok((p.id.clone(), ids))
+            })
+            .collect::<Result<_>>()?;
+        Ok(TrajectorySft {
+            prompts,
+            min_reward,
+            importance_clip,
+            max_len,
+            template,
+        })
+    }
 }
 
 impl crate::runtime::learner::Objective for TrajectorySft {
