@@ -172,7 +172,7 @@ fn wrong_lab_reading_and_wrong_answer_are_wrong() {
         );
         let gold = p.gold_text().unwrap();
         let other = p.options.iter().find(|c| c.text != gold).unwrap();
-        let finish = Step::new(finish_step(&other.text, &other.letter));
+        let finish = Step::new(finish_step(&other.text));
         assert_eq!(o.label_steps(p, &[finish]).unwrap(), [false]);
         let nonsense = Step::new(derive_step("fever", "cough", "something unknown"));
         assert_eq!(o.label_steps(p, &[nonsense]).unwrap(), [false]);

@@ -74,16 +74,16 @@ pub fn treatment_step(disease: &str, treatment: &str) -> String {
     format!("The first-line treatment for {disease} is {treatment}.")
 }
 
-pub fn finish_step(text: &str, letter: &str) -> String {
-    format!(
-        "{} is option {letter}. The answer is {letter}.",
-        capitalize(text)
-    )
+/// The answer by the option's text, not its letter: a small student copies
+/// the conclusion it just reached, while binding it to a letter is a second
+/// skill the answer-only baseline showed it does not pick up.
+pub fn finish_step(text: &str) -> String {
+    format!("The answer is {text}.")
 }
 
 /// The gold chain: interpret the abnormal labs the diagnosis needs, derive
 /// mechanisms bottom-up, the disease, then the test or treatment, then answer.
-pub fn gold_chain(kb: &Kb, case: &Case, problem: &Problem) -> Vec<Step> {
+pub fn gold_chain(kb: &Kb, case: &Case) -> Vec<Step> {
     let mut steps = Vec::new();
     let required = kb.required_findings(case.disease);
     for &(lab, value) in &case.labs {
@@ -112,19 +112,12 @@ pub fn gold_chain(kb: &Kb, case: &Case, problem: &Problem) -> Vec<Step> {
             &kb.treatments[d.treatment],
         ))),
     }
-    let letter = gold_letter(problem);
-    steps.push(Step::new(finish_step(
-        answer_text(kb, case.task, case.disease),
-        &letter,
-    )));
+    steps.push(Step::new(finish_step(answer_text(
+        kb,
+        case.task,
+        case.disease,
+    ))));
     steps
-}
-
-fn gold_letter(problem: &Problem) -> String {
-    match &problem.gold {
-        crate::Gold::Option(l) => l.clone(),
-        crate::Gold::Text(t) => t.clone(),
-    }
 }
 
 fn push_derivations(kb: &Kb, m: usize, done: &mut BTreeSet<usize>, steps: &mut Vec<Step>) {

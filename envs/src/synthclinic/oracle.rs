@@ -154,7 +154,7 @@ impl Oracle {
 
     /// The correct chain (exact, noise-free: this is the environment's truth).
     pub fn gold_chain(&self, p: &Problem) -> Result<Vec<Step>, NotSynthClinic> {
-        Ok(gold_chain(&self.kb, &self.case(p)?, p))
+        Ok(gold_chain(&self.kb, &self.case(p)?))
     }
 
     /// Ground truth per step (noise-free), for judging a PRM.
@@ -182,7 +182,7 @@ impl Oracle {
             .filter(|s| s.kind != crate::StepKind::Finish)
             .cloned()
             .collect();
-        let gold = gold_chain(&self.kb, &case, p);
+        let gold = gold_chain(&self.kb, &case);
         let (_, rest) = gold
             .split_last()
             .expect("a gold chain ends with its answer");
@@ -192,11 +192,7 @@ impl Oracle {
             }
         }
         let d = self.believed(p, &case);
-        let letter = self.letter_of(p, &case, d);
-        out.push(Step::new(finish_step(
-            answer_text(&self.kb, case.task, d),
-            &letter,
-        )));
+        out.push(Step::new(finish_step(answer_text(&self.kb, case.task, d))));
         Ok(out)
     }
 
