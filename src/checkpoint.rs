@@ -69,6 +69,18 @@ impl Checkpoints {
     }
 
     pub fn save(&self, policy: &Policy, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+        self.save_with(policy, opt, state, &|_| Ok(()))
+    }
+
+    /// [`Checkpoints::save`], with `extra` writing more state into the
+    /// folder before it is renamed into place.
+    pub fn save_with(
+        &self,
+        policy: &Policy,
+        opt: &AdamW,
+        state: &TrainerState,
+        extra: &dyn Fn(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
         // A second save at the same step (a stop right after a checkpoint)
         // gets its own folder: replacing the one `latest` names would leave a
         // window in which `latest` points at nothing.
@@ -93,6 +105,7 @@ impl Checkpoints {
             &tmp.join("trainer_state.json"),
             serde_json::to_string_pretty(state)?.as_bytes(),
         )?;
+        extra(&tmp)?;
         std::fs::rename(&tmp, &dest)
             .with_context(|| format!("renaming {} into place", tmp.display()))?;
         std::fs::File::open(&self.dir)?.sync_all()?;

@@ -355,7 +355,7 @@ impl Rollout for MctsRollout {
 }
 
 /// A search stage's problems, searched once each; nothing is trained.
-struct StoreOnly;
+pub(crate) struct StoreOnly;
 
 impl Objective for StoreOnly {
     fn accepts(&self, _: &Trajectory) -> bool {
@@ -464,7 +464,10 @@ pub fn run_search(ctx: &mut StageCtx, name: &str, stage: &SearchStage) -> Result
 
 /// The records of the named search stages, in stage order, each with its
 /// training problem.
-fn records<'w>(ctx: &StageCtx<'w>, stages: &[String]) -> Result<Vec<(&'w Problem, Meds3Record)>> {
+pub(crate) fn records<'w>(
+    ctx: &StageCtx<'w>,
+    stages: &[String],
+) -> Result<Vec<(&'w Problem, Meds3Record)>> {
     let questions: HashMap<&str, &Problem> =
         ctx.world.train.iter().map(|p| (p.id.as_str(), p)).collect();
     let mut out = Vec::new();
@@ -630,15 +633,20 @@ pub fn run_prm(ctx: &mut StageCtx, name: &str, stage: &PrmStage) -> Result<Stage
     tch::manual_seed(ctx.cfg.run.seed as i64);
     let head = policy.add_value_head();
     let data = prm_examples(ctx, stage, &policy)?;
-    let report = train_prm(
+    let mut loss = PrmLoss {
+        head: &head,
+        data,
+        pad: policy.tokenizer.pad_id(),
+    };
+    let report = crate::trainer::train(
         &policy,
-        &head,
-        &data,
+        &mut loss,
         &stage.sft,
         ctx.cfg.run.seed,
         ctx.dir,
         name,
-        ctx,
+        ctx.metrics,
+        ctx.stop,
     )?;
     let model_dir = ctx.dir.join("model");
     policy.save(&model_dir)?;
@@ -652,77 +660,28 @@ pub fn run_prm(ctx: &mut StageCtx, name: &str, stage: &PrmStage) -> Result<Stage
     })
 }
 
-pub struct PrmReport {
-    pub steps: usize,
-    pub tokens: u64,
-    pub wall_s: f64,
+/// Soft-label cross-entropy on the head, the backbone trained with it; a
+/// step's micro-batches weigh by their share of the step.
+struct PrmLoss<'a> {
+    head: &'a ValueHead,
+    data: Vec<PrmExample>,
+    pad: i64,
 }
 
-/// Soft-label cross-entropy on the head, the backbone trained with it;
-/// checkpointed and resumable like SFT.
-#[allow(clippy::too_many_arguments)]
-fn train_prm(
-    policy: &Policy,
-    head: &ValueHead,
-    data: &[PrmExample],
-    cfg: &SftConfig,
-    seed: u64,
-    dir: &Path,
-    tag: &str,
-    ctx: &mut StageCtx,
-) -> Result<PrmReport> {
-    use crate::checkpoint::{Checkpoints, TrainerState};
-    use medzero_policies::generate::pad_right_to;
-    use medzero_policies::optim::{AdamW, AdamWConfig, Schedule};
-    use std::sync::atomic::Ordering;
-    use std::time::Instant;
-
-    cfg.validate()?;
-    let total_steps = ((cfg.epochs * data.len() as f64) / cfg.batch_size as f64).ceil() as usize;
-    let schedule = Schedule {
-        kind: cfg.schedule,
-        warmup_steps: (cfg.warmup_ratio * total_steps as f64).round() as usize,
-        total_steps,
-    };
-    let mut opt = AdamW::new(
-        policy.named_parameters(),
-        AdamWConfig {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: 1e-8,
-            weight_decay: cfg.weight_decay,
-        },
-        AdamW::default_decay,
-    )?;
-    let ckpts = Checkpoints::new(&dir.join("checkpoints"), cfg.keep_checkpoints);
-    std::fs::create_dir_all(dir.join("checkpoints"))?;
-    let mut state = TrainerState::default();
-    if let Some(path) = ckpts.latest()? {
-        state = ckpts.restore(&path, policy, &mut opt)?;
-        eprintln!(
-            "{tag}: resuming from {} (step {})",
-            path.display(),
-            state.step
-        );
+impl crate::trainer::BatchLoss for PrmLoss<'_> {
+    fn items(&self) -> usize {
+        self.data.len()
     }
-    let order = |epoch: usize| crate::sft::epoch_order(data.len(), seed, epoch);
-    let started = Instant::now();
-    let before = state.elapsed_s;
-    let mut current = order(state.epoch);
-    while state.step < total_steps {
-        let mut picked = Vec::with_capacity(cfg.batch_size);
-        while picked.len() < cfg.batch_size {
-            if state.position == current.len() {
-                state.epoch += 1;
-                state.position = 0;
-                current = order(state.epoch);
-            }
-            picked.push(&data[current[state.position]]);
-            state.position += 1;
-        }
+
+    fn micro_loss(
+        &mut self,
+        policy: &Policy,
+        step: &[usize],
+        micro: &[usize],
+    ) -> Result<crate::trainer::MicroLoss> {
+        let picked: Vec<&PrmExample> = micro.iter().map(|&i| &self.data[i]).collect();
         let ids: Vec<Vec<i64>> = picked.iter().map(|e| e.ids.clone()).collect();
-        let (ids, mask) = pad_right_to(&ids, policy.tokenizer.pad_id(), 16);
+        let (ids, mask) = medzero_policies::generate::pad_right_to(&ids, self.pad, 16);
         let k = picked
             .iter()
             .map(|e| e.step_ends.len())
@@ -740,7 +699,7 @@ fn train_prm(
             }
         }
         let shape = [picked.len() as i64, k as i64];
-        let loss = head.loss(
+        let loss = self.head.loss(
             policy,
             &ids,
             &mask,
@@ -748,40 +707,12 @@ fn train_prm(
             &Tensor::from_slice(&labels).view(shape),
             &Tensor::from_slice(&label_mask).view(shape),
         );
-        loss.backward();
-        let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm.max(f64::MIN_POSITIVE));
-        let lr = schedule.lr(cfg.lr, state.step);
-        opt.step(lr);
-        opt.zero_grad();
-        state.step += 1;
-        state.tokens_seen += mask.sum(tch::Kind::Int64).int64_value(&[]) as u64;
-        let step = state.step as u64;
-        if state.step % cfg.log_every.max(1) == 0 || state.step == total_steps {
-            ctx.metrics
-                .scalar(&format!("{tag}/loss"), step, loss.double_value(&[]));
-            ctx.metrics
-                .scalar(&format!("{tag}/learning_rate"), step, lr);
-            ctx.metrics
-                .scalar(&format!("{tag}/grad_norm"), step, grad_norm);
-        }
-        let stopping = ctx.stop.load(Ordering::SeqCst);
-        let due = cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0;
-        if due || stopping || state.step == total_steps {
-            state.elapsed_s = before + started.elapsed().as_secs_f64();
-            ckpts.save(policy, &opt, &state)?;
-        }
-        if stopping {
-            bail!(
-                "{tag}: stopped at step {}/{total_steps} by a signal; the checkpoint is saved, rerun to resume",
-                state.step
-            );
-        }
+        Ok(crate::trainer::MicroLoss {
+            loss: loss * (micro.len() as f64 / step.len() as f64),
+            tokens: mask.sum(tch::Kind::Int64).int64_value(&[]) as u64,
+            metrics: Vec::new(),
+        })
     }
-    Ok(PrmReport {
-        steps: state.step,
-        tokens: state.tokens_seen,
-        wall_s: before + started.elapsed().as_secs_f64(),
-    })
 }
 
 /// A PRM: a policy folder saved with its head.

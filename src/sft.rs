@@ -4,21 +4,16 @@
 //! resume bit-identically on CPU. Pretraining on a corpus is the same loop
 //! with empty prompts.
 
-use crate::checkpoint::{Checkpoints, TrainerState};
 use crate::monitor::Metrics;
+use crate::trainer::{self, BatchLoss, MicroLoss, TrainReport};
 use anyhow::{Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use medzero_policies::Policy;
 use medzero_policies::generate::pad_right_to;
-use medzero_policies::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
+use medzero_policies::optim::ScheduleKind;
 use medzero_policies::tokenizer::PromptTemplate;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,28 +105,47 @@ fn encode(policy: &Policy, e: &Example, end: i64, max_len: usize) -> Result<Enco
     Ok(Encoded { ids, targets })
 }
 
-/// The order of epoch `epoch`: a pure function of the seed, so a resumed run
-/// needs only (epoch, position) to continue with the same data.
-pub(crate) fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(epoch as u64 + 1);
-    order.shuffle(&mut rng);
-    order
+/// SFT as a [`BatchLoss`]: every micro-batch normalised by the step's target
+/// tokens, so accumulation equals one big batch.
+struct SftLoss {
+    encoded: Vec<Encoded>,
+    pad: i64,
 }
 
-pub struct SftReport {
-    pub steps: usize,
-    pub tokens: u64,
-    pub final_loss: f64,
-    pub resumed_from: Option<usize>,
-    pub wall_s: f64,
+impl BatchLoss for SftLoss {
+    fn items(&self) -> usize {
+        self.encoded.len()
+    }
+
+    fn micro_loss(
+        &mut self,
+        policy: &Policy,
+        step: &[usize],
+        micro: &[usize],
+    ) -> Result<MicroLoss> {
+        let targets: i64 = step
+            .iter()
+            .map(|&i| self.encoded[i].targets[1..].iter().sum::<i64>())
+            .sum::<i64>()
+            .max(1);
+        let ids: Vec<Vec<i64>> = micro.iter().map(|&i| self.encoded[i].ids.clone()).collect();
+        let tgt: Vec<Vec<i64>> = micro
+            .iter()
+            .map(|&i| self.encoded[i].targets.clone())
+            .collect();
+        let (ids, mask) = pad_right_to(&ids, self.pad, 16);
+        let (tgt, _) = pad_right_to(&tgt, 0, 16);
+        let tokens = Vec::<i64>::try_from(&mask.sum(Kind::Int64).view([1]))?[0] as u64;
+        Ok(MicroLoss {
+            loss: completion_nll_sum(policy, &ids, &mask, &tgt) / targets as f64,
+            tokens,
+            metrics: Vec::new(),
+        })
+    }
 }
 
-/// Trains `policy` on `data`, checkpointing into `dir/checkpoints`; resumes
-/// from the latest checkpoint there. Completions end with `template`'s end of
-/// turn. `tag` prefixes metric names. Stops (after a checkpoint) with an error
-/// when `stop` is set.
+/// Trains `policy` on `data` (see [`trainer::train`]); completions end with
+/// `template`'s end of turn.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     policy: &Policy,
@@ -143,139 +157,17 @@ pub fn train(
     tag: &str,
     metrics: &mut dyn Metrics,
     stop: &AtomicBool,
-) -> Result<SftReport> {
-    cfg.validate()?;
-    if data.is_empty() {
-        bail!("{tag}: no training examples");
-    }
+) -> Result<TrainReport> {
     let end = policy.tokenizer.end_of_turn_id(template);
     let encoded: Vec<Encoded> = data
         .iter()
         .map(|e| encode(policy, e, end, cfg.max_len))
         .collect::<Result<_>>()?;
-    let per_step = cfg.batch_size * cfg.grad_accum;
-    let total_steps = ((cfg.epochs * data.len() as f64) / per_step as f64).ceil() as usize;
-    let schedule = Schedule {
-        kind: cfg.schedule,
-        warmup_steps: (cfg.warmup_ratio * total_steps as f64).round() as usize,
-        total_steps,
+    let mut loss = SftLoss {
+        encoded,
+        pad: policy.tokenizer.pad_id(),
     };
-    let adam = AdamWConfig {
-        lr: cfg.lr,
-        beta1: cfg.beta1,
-        beta2: cfg.beta2,
-        eps: 1e-8,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut opt = AdamW::new(policy.named_parameters(), adam, AdamW::default_decay)?;
-    let ckpts = Checkpoints::new(&dir.join("checkpoints"), cfg.keep_checkpoints);
-    std::fs::create_dir_all(dir.join("checkpoints"))?;
-    let mut state = TrainerState::default();
-    let mut resumed_from = None;
-    if let Some(path) = ckpts.latest()? {
-        state = ckpts.restore(&path, policy, &mut opt)?;
-        resumed_from = Some(state.step);
-        eprintln!(
-            "{tag}: resuming from {} (step {}/{total_steps})",
-            path.display(),
-            state.step
-        );
-    }
-
-    let bar = ProgressBar::new(total_steps as u64)
-        .with_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg} (eta {eta})")
-                .expect("template"),
-        )
-        .with_prefix(tag.to_string())
-        .with_position(state.step as u64);
-    let started = Instant::now();
-    let elapsed_before = state.elapsed_s;
-    let mut order = epoch_order(data.len(), seed, state.epoch);
-    let mut last_loss = f64::NAN;
-    while state.step < total_steps {
-        let t0 = Instant::now();
-        // The step's sequences, continuing across epoch boundaries.
-        let mut picked = Vec::with_capacity(per_step);
-        while picked.len() < per_step {
-            if state.position == order.len() {
-                state.epoch += 1;
-                state.position = 0;
-                order = epoch_order(data.len(), seed, state.epoch);
-            }
-            picked.push(order[state.position]);
-            state.position += 1;
-        }
-        // Normalise by the step's target tokens, so accumulation equals one big batch.
-        let targets: i64 = picked
-            .iter()
-            .map(|&i| encoded[i].targets[1..].iter().sum::<i64>())
-            .sum::<i64>()
-            .max(1);
-        let mut loss_sum = 0.0;
-        let mut tokens = 0u64;
-        for micro in picked.chunks(cfg.batch_size) {
-            let ids: Vec<Vec<i64>> = micro.iter().map(|&i| encoded[i].ids.clone()).collect();
-            let tgt: Vec<Vec<i64>> = micro.iter().map(|&i| encoded[i].targets.clone()).collect();
-            let (ids, mask) = pad_right_to(&ids, policy.tokenizer.pad_id(), 16);
-            let (tgt, _) = pad_right_to(&tgt, 0, 16);
-            tokens += Vec::<i64>::try_from(&mask.sum(Kind::Int64).view([1]))?[0] as u64;
-            let loss = completion_nll_sum(policy, &ids, &mask, &tgt) / targets as f64;
-            loss.backward();
-            loss_sum += loss.double_value(&[]);
-        }
-        let grad_norm = if cfg.max_grad_norm > 0.0 {
-            opt.clip_grad_norm(cfg.max_grad_norm)
-        } else {
-            f64::NAN
-        };
-        let lr = schedule.lr(cfg.lr, state.step);
-        opt.step(lr);
-        opt.zero_grad();
-        state.step += 1;
-        state.tokens_seen += tokens;
-        last_loss = loss_sum;
-
-        let step = state.step as u64;
-        if state.step % cfg.log_every.max(1) == 0 || state.step == total_steps {
-            metrics.scalar(&format!("{tag}/loss"), step, loss_sum);
-            metrics.scalar(&format!("{tag}/learning_rate"), step, lr);
-            metrics.scalar(&format!("{tag}/grad_norm"), step, grad_norm);
-            metrics.scalar(
-                &format!("{tag}/epoch"),
-                step,
-                state.epoch as f64 + state.position as f64 / data.len() as f64,
-            );
-            metrics.scalar(
-                "perf/learner_tokens_per_s",
-                step,
-                tokens as f64 / t0.elapsed().as_secs_f64(),
-            );
-        }
-        bar.set_position(step);
-        bar.set_message(format!("loss {loss_sum:.3}"));
-        let stopping = stop.load(Ordering::SeqCst);
-        let due = cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0;
-        if due || stopping || state.step == total_steps {
-            state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
-            ckpts.save(policy, &opt, &state)?;
-        }
-        if stopping {
-            bar.abandon_with_message("stopped; rerun to resume");
-            bail!(
-                "{tag}: stopped at step {}/{total_steps} by a signal; the checkpoint is saved, rerun to resume",
-                state.step
-            );
-        }
-    }
-    bar.finish_and_clear();
-    Ok(SftReport {
-        steps: state.step,
-        tokens: state.tokens_seen,
-        final_loss: last_loss,
-        resumed_from,
-        wall_s: elapsed_before + started.elapsed().as_secs_f64(),
-    })
+    trainer::train(policy, &mut loss, cfg, seed, dir, tag, metrics, stop)
 }
 
 /// Sum over target tokens of -log p(token | prefix); `targets` marks the

@@ -260,7 +260,23 @@ impl Tokenizer {
             .inner
             .to_string(true)
             .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-        medzero_envs::atomic::write(path, json.as_bytes()).map_err(err)
+        medzero_envs::atomic::write(path, json.as_bytes()).map_err(err)?;
+        // EOS and PAD by name, and the class that runs tokenizer.json as
+        // written: without it transformers (and TRL) rebuild the model
+        // family's own tokenizer from the vocabulary.
+        let name = |id: u32| self.inner.id_to_token(id);
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": name(self.eos),
+            "pad_token": name(self.pad),
+        });
+        let config_path = path.with_file_name("tokenizer_config.json");
+        medzero_envs::atomic::write(&config_path, config.to_string().as_bytes()).map_err(|source| {
+            TokenizerError::Write {
+                path: config_path.clone(),
+                source,
+            }
+        })
     }
 
     /// Token ids of `text`; no BOS or EOS is added.
