@@ -252,6 +252,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         ratio: None,
     });
 
+    rows.push(dpo_row(&policy, cfg)?);
     rows.extend(mcts_rows(&policy, &world)?);
     rows.extend(queue_rows());
     rows.extend(runtime_rows(&policy, &world, cfg)?);
@@ -260,9 +261,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     if cfg.peer {
         let peer = run_peer(&policy, cfg)?;
         peer_versions = Some(format!(
-            "torch {}, transformers {}",
+            "torch {}, transformers {}, trl {}",
             peer["torch"].as_str().unwrap_or("?"),
-            peer["transformers"].as_str().unwrap_or("?")
+            peer["transformers"].as_str().unwrap_or("?"),
+            peer["trl"].as_str().unwrap_or("?")
         ));
         for r in rows.iter_mut() {
             let key = if let Some(rest) = r.name.strip_prefix("decode batch ") {
@@ -281,6 +283,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             let value = match key {
                 Some(k) => peer["decode"][&k].as_f64(),
                 None if r.name.starts_with("SFT step") => peer["train_tokens_per_s"].as_f64(),
+                None if r.name.starts_with("DPO step") => peer["dpo_tokens_per_s"].as_f64(),
                 None => continue,
             };
             r.peer = value;
@@ -506,6 +509,65 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
         ratio: Some(rates[2].1 / rates[1].1),
     });
     Ok(rows)
+}
+
+/// A DPO step as TRL's DPOTrainer takes it: train_batch/2 pairs of
+/// train_len/2-token prompts and completions, the frozen reference run on
+/// the same batch, sigmoid loss, backward, clipping, AdamW.
+fn dpo_row(policy: &Policy, cfg: &BenchConfig) -> Result<BenchRow> {
+    use crate::dpo::{Dpo, DpoConfig, EncodedPair, Reference};
+    use crate::trainer::BatchLoss;
+    let vocab = policy.config().vocab_size;
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (half, pairs) = (cfg.train_len / 2, (cfg.train_batch / 2).max(1));
+    let mut draw = || random_prompts(&mut rng, pairs, half, vocab);
+    let (p, c, r) = (draw(), draw(), draw());
+    let encoded: Vec<EncodedPair> = (0..pairs)
+        .map(|i| EncodedPair {
+            prompt: p[i].clone(),
+            chosen: c[i].clone(),
+            rejected: r[i].clone(),
+        })
+        .collect();
+    let reference = Policy::new_random(
+        policy.config(),
+        policy.tokenizer.clone(),
+        tch::Device::Cpu,
+        1,
+    )?;
+    let mut dpo = Dpo {
+        cfg: DpoConfig {
+            precompute_reference: false,
+            ..DpoConfig::default()
+        },
+        pairs: encoded,
+        reference: Reference::Model(Box::new(reference)),
+    };
+    let mut opt = AdamW::new(
+        policy.named_parameters(),
+        AdamWConfig {
+            lr: 1e-4,
+            ..Default::default()
+        },
+        AdamW::default_decay,
+    )?;
+    let all: Vec<usize> = (0..pairs).collect();
+    let secs = best(cfg.repeats, || {
+        for _ in 0..cfg.train_steps {
+            dpo.micro_loss(policy, &all, &all)?.loss.backward();
+            opt.clip_grad_norm(1.0);
+            opt.step(1e-4);
+            opt.zero_grad();
+        }
+        Ok(())
+    })?;
+    Ok(BenchRow {
+        name: format!("DPO step, {pairs} pairs x {half}+{half} tokens, live reference"),
+        unit: "tokens/s".into(),
+        medzero: (cfg.train_steps * pairs * 4 * half) as f64 / secs,
+        peer: None,
+        ratio: None,
+    })
 }
 
 /// The project's venv interpreter, as `make setup` links and installs it.

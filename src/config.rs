@@ -176,6 +176,11 @@ pub enum Stage {
     Meds3Prm(crate::meds3::PrmStage),
     /// Rejection-sampling fine-tuning on the actor/learner runtime.
     RejectionSampling(crate::rejection_sampling::RejectionSamplingStage),
+    /// Self-iterated DPO (MedCritical's stage 2, and best-vs-worst or MedS3
+    /// tree pairs).
+    Dpo(crate::preference::PreferenceStage),
+    /// KTO on the unpaired halves of the same pairs (Med-Shicheng's alignment).
+    Kto(crate::preference::PreferenceStage),
     /// Greedy and sampled accuracy of trained models on the test split.
     Eval(EvalStage),
 }
@@ -191,6 +196,8 @@ impl Stage {
             Stage::Meds3Policy(_) => "meds3_policy",
             Stage::Meds3Prm(_) => "meds3_prm",
             Stage::RejectionSampling(_) => "rejection_sampling",
+            Stage::Dpo(_) => "dpo",
+            Stage::Kto(_) => "kto",
             Stage::Eval(_) => "eval",
         }
     }
@@ -202,6 +209,7 @@ impl Stage {
             Stage::Meds3Policy(s) => &s.name,
             Stage::Meds3Prm(s) => &s.name,
             Stage::RejectionSampling(s) => &s.name,
+            Stage::Dpo(s) | Stage::Kto(s) => &s.name,
             Stage::Eval(s) => &s.name,
         };
         named.as_deref().unwrap_or(self.kind())
@@ -296,6 +304,7 @@ impl Config {
                 }
                 Stage::Meds3Search(m) => vec![m.init.as_str()],
                 Stage::RejectionSampling(r) => vec![r.init.as_str()],
+                Stage::Dpo(p) | Stage::Kto(p) => p.refs(),
                 Stage::Meds3Policy(m) => std::iter::once(m.init.as_str())
                     .chain(m.data.iter().map(String::as_str))
                     .collect(),
@@ -336,9 +345,19 @@ impl Config {
                 r.validate()
                     .with_context(|| format!("stage {:?}", s.name()))?;
             }
+            if let Stage::Dpo(p) | Stage::Kto(p) = s {
+                let loss = if matches!(s, Stage::Dpo(_)) {
+                    crate::preference::Loss::Dpo
+                } else {
+                    crate::preference::Loss::Kto
+                };
+                p.validate(loss)
+                    .with_context(|| format!("stage {:?}", s.name()))?;
+            }
             let runtime = match s {
                 Stage::Meds3Search(m) => Some(&m.runtime),
                 Stage::RejectionSampling(r) => Some(&r.runtime),
+                Stage::Dpo(p) | Stage::Kto(p) => Some(&p.runtime),
                 _ => None,
             };
             if let Some(rt) = runtime
@@ -447,6 +466,20 @@ mod tests {
     fn quickstart_parses_and_validates() {
         let c = Config::load(QUICKSTART, "quickstart", &[]).unwrap();
         assert!(!c.stages.is_empty());
+    }
+
+    #[test]
+    fn every_shipped_experiment_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::from_file(&path, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "{n} experiments");
     }
 
     #[test]

@@ -196,6 +196,12 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
                 Stage::RejectionSampling(r) => {
                     crate::rejection_sampling::run(&mut ctx, stage.name(), r)?
                 }
+                Stage::Dpo(p) => {
+                    crate::preference::run(&mut ctx, stage.name(), p, crate::preference::Loss::Dpo)?
+                }
+                Stage::Kto(p) => {
+                    crate::preference::run(&mut ctx, stage.name(), p, crate::preference::Loss::Kto)?
+                }
                 Stage::Eval(e) => StageResult {
                     rows: run_eval(&mut ctx, e)?,
                     model: None,

@@ -57,7 +57,53 @@ def main(model_dir, spec_path):
 
     secs = best(step, spec["repeats"])
     out["train_tokens_per_s"] = spec["train_steps"] * ids.numel() / secs
+    out["trl"], out["dpo_tokens_per_s"] = dpo_tokens_per_s(model_dir, spec)
     json.dump(out, sys.stdout)
+
+
+def dpo_tokens_per_s(model_dir, spec):
+    """TRL's DPOTrainer steps (frozen reference model, sigmoid loss) on
+    train_batch/2 pairs of train_len/2-token prompts and completions: tokens
+    through the policy per second of the fastest step after the first."""
+    import random
+    import tempfile
+
+    import trl
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    specials = set(tok.all_special_ids)
+    words = [w for w, i in sorted(tok.get_vocab().items(), key=lambda x: x[1]) if i not in specials and w.isalpha()]
+    g = random.Random(0)
+    half, pairs, steps = spec["train_len"] // 2, spec["train_batch"] // 2, spec["train_steps"] + 1
+
+    def text(n):
+        return " ".join(g.choice(words) for _ in range(n))
+
+    # Completions of half-1 words: TRL appends the EOS.
+    rows = [{"prompt": text(half), "chosen": " " + text(half - 1), "rejected": " " + text(half - 1)}
+            for _ in range(pairs * steps)]
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = trl.DPOConfig(output_dir=d, per_device_train_batch_size=pairs, max_steps=steps, learning_rate=1e-4,
+                            lr_scheduler_type="constant", report_to="none", save_strategy="no", disable_tqdm=True,
+                            logging_strategy="no", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+                            dataloader_num_workers=0, max_length=None, model_init_kwargs={"dtype": "float32"})
+        trainer = trl.DPOTrainer(model=model_dir, args=cfg, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tok, callbacks=[Clock()])
+        trainer.train()
+        data = trainer.train_dataset
+        per_pair = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data) / len(data)
+    return trl.__version__, pairs * per_pair / min(times[1:])
 
 
 if __name__ == "__main__":

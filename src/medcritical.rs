@@ -1,0 +1,168 @@
+//! MedCritical's self-correction pairs (REFERENCE 3): the student answers a
+//! training question N times; each wrong attempt becomes the rejected side of
+//! a DPO pair whose chosen side corrects it. The corrector is the student
+//! itself ("plays against itself": the teacher's step labels point at the
+//! first wrong step, the student re-samples from the sound prefix until it
+//! reaches the verified answer) or the teacher (its correction keeps the
+//! sound prefix and writes the rest). Runs as a rollout of the actor runtime.
+
+use crate::mcts::ROOT_TEXT;
+use crate::meds3::response_steps;
+use crate::runtime::actor::{Rolled, Rollout};
+use crate::sampling::{Sampler, SamplingConfig};
+use anyhow::Result;
+use medzero_envs::synthclinic::Oracle;
+use medzero_envs::{Problem, Step, Trajectory, render_chain, verify};
+use medzero_policies::tokenizer::PromptTemplate;
+use medzero_policies::{Policy, SamplingParams};
+use medzero_rewards::RuleVerifier;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Corrector {
+    /// The fine-tuned student re-samples from the sound prefix.
+    #[serde(rename = "self")]
+    Student,
+    /// The teacher rewrites from the first wrong step.
+    Teacher,
+}
+
+/// Samples N attempts and writes a correction for each wrong one into its
+/// trajectory's `meta` (`correction`, `corrected_by`); every attempt's text is
+/// in `meta.text`.
+pub struct SelfCorrection {
+    pub sampling: SamplingConfig,
+    pub template: PromptTemplate,
+    pub oracle: Oracle,
+    pub corrector: Corrector,
+    /// Continuations the student samples from a sound prefix.
+    pub retries: usize,
+}
+
+impl SelfCorrection {
+    /// The chain `text` rendered as the student writes it: root, then steps.
+    fn chain_text(steps: &[Step]) -> String {
+        if steps.is_empty() {
+            ROOT_TEXT.to_string()
+        } else {
+            format!("{ROOT_TEXT}\n\n{}", render_chain(steps))
+        }
+    }
+
+    /// A correction of the wrong attempt `text`, if the corrector finds one.
+    fn correct(
+        &self,
+        policy: &Policy,
+        problem: &Problem,
+        prompt: &[i64],
+        text: &str,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Option<String>> {
+        let steps: Vec<Step> = response_steps(text).into_iter().map(Step::new).collect();
+        match self.corrector {
+            Corrector::Teacher => {
+                let fixed = self.oracle.correct(problem, &steps)?;
+                Ok(Some(Self::chain_text(&fixed)))
+            }
+            Corrector::Student => {
+                let labels = self.oracle.label_steps(problem, &steps)?;
+                let keep = labels.iter().position(|ok| !ok).unwrap_or(steps.len());
+                let sound: Vec<Step> = steps[..keep]
+                    .iter()
+                    .filter(|s| s.kind != medzero_envs::StepKind::Finish)
+                    .cloned()
+                    .collect();
+                let prefix = format!("{}\n\nStep {}:", Self::chain_text(&sound), sound.len() + 1);
+                let prefix_ids = policy.tokenizer.encode(&prefix)?;
+                let mut context = prompt.to_vec();
+                context.extend(&prefix_ids);
+                let params = self.params(policy);
+                let room = policy.config().max_position_embeddings as usize;
+                if context.len() + params.max_new_tokens > room {
+                    return Ok(None);
+                }
+                for g in policy.sample_n(&context, self.retries, &params, rng)? {
+                    let mut ids = prefix_ids.clone();
+                    ids.extend(g.tokens.iter().filter(|&&t| t != params.stop_token_ids[0]));
+                    let full = policy.tokenizer.decode(&ids)?;
+                    let body = response_steps(&full);
+                    if body
+                        .last()
+                        .is_some_and(|last| verify::verify(problem, last).correct)
+                    {
+                        return Ok(Some(full));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn params(&self, policy: &Policy) -> SamplingParams {
+        SamplingParams {
+            max_new_tokens: self.sampling.max_new_tokens,
+            temperature: self.sampling.temperature,
+            top_p: self.sampling.top_p,
+            top_k: self.sampling.top_k,
+            stop_token_ids: vec![policy.tokenizer.end_of_turn_id(self.template)],
+            ..SamplingParams::default()
+        }
+    }
+}
+
+impl Rollout for SelfCorrection {
+    fn ids(&self, problem: &Problem) -> Vec<String> {
+        self.sampler().ids(problem)
+    }
+
+    fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
+        let mut rolled = self.sampler().rollout(policy, problem, rng)?;
+        let prompt = policy
+            .tokenizer
+            .encode(&self.template.render(&problem.prompt_text()))?;
+        for t in &mut rolled.trajectories {
+            let text = attempt_text(policy, t)?;
+            let correction = if t.reward < 1.0 {
+                self.correct(policy, problem, &prompt, &text, rng)?
+            } else {
+                None
+            };
+            t.meta = serde_json::json!({
+                "text": text,
+                "correction": correction,
+                "corrected_by": match self.corrector {
+                    Corrector::Student => "self",
+                    Corrector::Teacher => "teacher",
+                },
+            });
+        }
+        Ok(rolled)
+    }
+}
+
+impl SelfCorrection {
+    fn sampler(&self) -> Sampler<RuleVerifier> {
+        Sampler {
+            cfg: self.sampling.clone(),
+            template: self.template,
+            reward: RuleVerifier,
+        }
+    }
+}
+
+/// The text of a sampled attempt: its tokens decoded without the end of turn.
+pub fn attempt_text(policy: &Policy, t: &Trajectory) -> Result<String> {
+    if t.tokens.is_empty() {
+        return Ok(render_chain(&t.steps));
+    }
+    let specials = [policy.tokenizer.eos_id(), policy.tokenizer.pad_id()];
+    let ids: Vec<i64> = t
+        .tokens
+        .iter()
+        .copied()
+        .filter(|id| !specials.contains(id))
+        .collect();
+    Ok(policy.tokenizer.decode(&ids)?)
+}
