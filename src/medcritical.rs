@@ -3,8 +3,9 @@
 //! a DPO pair whose chosen side corrects it. The corrector is the student
 //! itself ("plays against itself": the teacher's step labels point at the
 //! first wrong step, the student re-samples from the sound prefix until it
-//! reaches the verified answer) or the teacher (its correction keeps the
-//! sound prefix and writes the rest). Runs as a rollout of the actor runtime.
+//! reaches the verified answer by steps the teacher labels sound) or the
+//! teacher (its correction keeps the sound prefix and writes the rest). Runs
+//! as a rollout of the actor runtime.
 
 use crate::mcts::ROOT_TEXT;
 use crate::meds3::response_steps;
@@ -87,10 +88,19 @@ impl SelfCorrection {
                     let mut ids = prefix_ids.clone();
                     ids.extend(g.tokens.iter().filter(|&&t| t != params.stop_token_ids[0]));
                     let full = policy.tokenizer.decode(&ids)?;
-                    let body = response_steps(&full);
-                    if body
+                    let body: Vec<Step> =
+                        response_steps(&full).into_iter().map(Step::new).collect();
+                    // A right answer reached through a wrong step is no
+                    // correction: the chosen side must be sound throughout.
+                    let verified = body
                         .last()
-                        .is_some_and(|last| verify::verify(problem, last).correct)
+                        .is_some_and(|last| verify::verify(problem, &last.text).correct);
+                    if verified
+                        && self
+                            .oracle
+                            .label_steps(problem, &body)?
+                            .iter()
+                            .all(|&ok| ok)
                     {
                         return Ok(Some(full));
                     }

@@ -605,3 +605,56 @@ fn kto_matches_trl_kto_trainer_on_one_step() {
         assert_matches_trl(case, &trl, &ours, &keys, &policy, dir);
     }
 }
+
+#[test]
+fn teacher_corrections_keep_the_sound_prefix_and_verify() {
+    use medzero::medcritical::{Corrector, SelfCorrection};
+    use medzero::runtime::actor::Rollout;
+    use medzero_envs::synthclinic::{OracleConfig, SynthClinic, SynthConfig};
+    use rand::SeedableRng;
+    let cfg = medzero::config::Config::load(
+        "[data.synthclinic]\ntrain = 20\ntest = 10\n[student]\nhidden_size = 32\nlayers = 1\nheads = 2\nkv_heads = 1\nintermediate_size = 64\n",
+        "t",
+        &[],
+    )
+    .unwrap();
+    let world = SynthClinic::generate(&SynthConfig {
+        train: 20,
+        test: 10,
+        ..SynthConfig::default()
+    })
+    .unwrap();
+    let policy = medzero::experiment::base_student(&cfg, &world).unwrap();
+    let oracle = world.oracle(OracleConfig::default());
+    let rollout = SelfCorrection {
+        sampling: medzero::sampling::SamplingConfig {
+            samples: 3,
+            max_new_tokens: 24,
+            ..Default::default()
+        },
+        template: cfg.student.template,
+        oracle: world.oracle(OracleConfig::default()),
+        corrector: Corrector::Teacher,
+        retries: 1,
+    };
+    let p = &world.train[0];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let rolled = rollout.rollout(&policy, p, &mut rng).unwrap();
+    assert_eq!(rolled.trajectories.len(), 3);
+    for t in &rolled.trajectories {
+        // The untrained student is wrong; the noiseless teacher corrects it.
+        assert_eq!(t.reward, 0.0);
+        assert!(t.meta["text"].is_string());
+        assert_eq!(t.meta["corrected_by"], "teacher");
+        let fixed = t.meta["correction"].as_str().expect("a correction");
+        let steps: Vec<medzero_envs::Step> = medzero::meds3::response_steps(fixed)
+            .into_iter()
+            .map(medzero_envs::Step::new)
+            .collect();
+        assert!(
+            oracle.label_steps(p, &steps).unwrap().iter().all(|&ok| ok),
+            "{fixed}"
+        );
+        assert!(medzero_envs::verify::verify(p, &steps.last().unwrap().text).correct);
+    }
+}

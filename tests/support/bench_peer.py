@@ -100,6 +100,7 @@ def dpo_tokens_per_s(model_dir, spec):
                             dataloader_num_workers=0, max_length=None, model_init_kwargs={"dtype": "float32"})
         trainer = trl.DPOTrainer(model=model_dir, args=cfg, train_dataset=Dataset.from_list(rows),
                                  processing_class=tok, callbacks=[Clock()])
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # stdout carries the JSON
         trainer.train()
         data = trainer.train_dataset
         per_pair = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data) / len(data)
