@@ -135,6 +135,8 @@ pub struct DataConfig {
 pub enum TeacherKind {
     /// SynthClinic's oracle: knows the KB, wrong on `oracle.noise` of items.
     Oracle,
+    /// An OpenAI-compatible chat-completions server (`[teacher.http]`).
+    Http,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,6 +144,7 @@ pub enum TeacherKind {
 pub struct TeacherConfig {
     pub kind: TeacherKind,
     pub oracle: OracleConfig,
+    pub http: crate::http_teacher::HttpTeacherConfig,
 }
 
 impl Default for TeacherConfig {
@@ -149,6 +152,7 @@ impl Default for TeacherConfig {
         TeacherConfig {
             kind: TeacherKind::Oracle,
             oracle: OracleConfig::default(),
+            http: Default::default(),
         }
     }
 }
@@ -181,6 +185,10 @@ pub enum Stage {
     Dpo(crate::preference::PreferenceStage),
     /// KTO on the unpaired halves of the same pairs (Med-Shicheng's alignment).
     Kto(crate::preference::PreferenceStage),
+    /// MedThink stage 1: teacher screening and knowledge explanations, SFT.
+    MedthinkKnowledge(crate::medthink::KnowledgeStage),
+    /// MedThink stage 2: the teacher corrects the student's wrong answers, SFT.
+    MedthinkCorrection(crate::medthink::CorrectionStage),
     /// Greedy and sampled accuracy of trained models on the test split.
     Eval(EvalStage),
 }
@@ -198,6 +206,8 @@ impl Stage {
             Stage::RejectionSampling(_) => "rejection_sampling",
             Stage::Dpo(_) => "dpo",
             Stage::Kto(_) => "kto",
+            Stage::MedthinkKnowledge(_) => "medthink_knowledge",
+            Stage::MedthinkCorrection(_) => "medthink_correction",
             Stage::Eval(_) => "eval",
         }
     }
@@ -210,6 +220,8 @@ impl Stage {
             Stage::Meds3Prm(s) => &s.name,
             Stage::RejectionSampling(s) => &s.name,
             Stage::Dpo(s) | Stage::Kto(s) => &s.name,
+            Stage::MedthinkKnowledge(s) => &s.name,
+            Stage::MedthinkCorrection(s) => &s.name,
             Stage::Eval(s) => &s.name,
         };
         named.as_deref().unwrap_or(self.kind())
@@ -291,6 +303,12 @@ impl Config {
                 bail!("teacher.oracle.{name} must be in [0, 1], got {v}");
             }
         }
+        if self.teacher.kind == TeacherKind::Http {
+            self.teacher
+                .http
+                .validate()
+                .map_err(|e| anyhow!("teacher.http: {e}"))?;
+        }
         for f in &self.data.eval_files {
             if !f.exists() {
                 bail!("data.eval_files: {} does not exist", f.display());
@@ -305,6 +323,8 @@ impl Config {
                 Stage::Meds3Search(m) => vec![m.init.as_str()],
                 Stage::RejectionSampling(r) => vec![r.init.as_str()],
                 Stage::Dpo(p) | Stage::Kto(p) => p.refs(),
+                Stage::MedthinkKnowledge(m) => vec![m.init.as_str()],
+                Stage::MedthinkCorrection(m) => vec![m.knowledge.as_str()],
                 Stage::Meds3Policy(m) => std::iter::once(m.init.as_str())
                     .chain(m.data.iter().map(String::as_str))
                     .collect(),
@@ -345,6 +365,14 @@ impl Config {
                 r.validate()
                     .with_context(|| format!("stage {:?}", s.name()))?;
             }
+            if let Stage::MedthinkCorrection(m) = s
+                && m.knowledge.is_empty()
+            {
+                bail!(
+                    "stage {:?}: `knowledge` must name the medthink_knowledge stage",
+                    s.name()
+                );
+            }
             if let Stage::Dpo(p) | Stage::Kto(p) = s {
                 let loss = if matches!(s, Stage::Dpo(_)) {
                     crate::preference::Loss::Dpo
@@ -358,6 +386,7 @@ impl Config {
                 Stage::Meds3Search(m) => Some(&m.runtime),
                 Stage::RejectionSampling(r) => Some(&r.runtime),
                 Stage::Dpo(p) | Stage::Kto(p) => Some(&p.runtime),
+                Stage::MedthinkCorrection(m) => Some(&m.runtime),
                 _ => None,
             };
             if let Some(rt) = runtime

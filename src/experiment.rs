@@ -202,6 +202,12 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
                 Stage::Kto(p) => {
                     crate::preference::run(&mut ctx, stage.name(), p, crate::preference::Loss::Kto)?
                 }
+                Stage::MedthinkKnowledge(m) => {
+                    crate::medthink::run_knowledge(&mut ctx, stage.name(), m)?
+                }
+                Stage::MedthinkCorrection(m) => {
+                    crate::medthink::run_correction(&mut ctx, stage.name(), m)?
+                }
                 Stage::Eval(e) => StageResult {
                     rows: run_eval(&mut ctx, e)?,
                     model: None,
@@ -405,6 +411,44 @@ pub fn base_student(cfg: &Config, world: &SynthClinic) -> Result<Policy> {
     )?)
 }
 
+/// Reads a JSONL file of `what` records, naming the line of a malformed one.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not {what}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Writes records as JSONL, atomically.
+pub fn write_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
+    let mut lines = String::new();
+    for r in records {
+        lines.push_str(&serde_json::to_string(r)?);
+        lines.push('\n');
+    }
+    Ok(atomic::write(path, lines.as_bytes())?)
+}
+
+/// The configured teacher.
+pub fn teacher(cfg: &Config, world: &SynthClinic) -> Result<Box<dyn crate::teacher::Teacher>> {
+    use crate::config::TeacherKind;
+    Ok(match cfg.teacher.kind {
+        TeacherKind::Oracle => Box::new(crate::teacher::OracleTeacher(
+            world.oracle(cfg.teacher.oracle.clone()),
+        )),
+        TeacherKind::Http => Box::new(crate::teacher::ChatTeacher(
+            crate::http_teacher::HttpTeacher::new(cfg.teacher.http.clone())
+                .map_err(|e| anyhow::anyhow!("teacher.http: {e}"))?,
+        )),
+    })
+}
+
 /// Each textbook line as a sequence learned in full.
 fn textbook_examples(world: &SynthClinic) -> Vec<Example> {
     world
@@ -465,7 +509,7 @@ fn chain_examples(ctx: &StageCtx) -> Result<Vec<Example>> {
     })
 }
 
-fn train_stage(
+pub(crate) fn train_stage(
     ctx: &mut StageCtx,
     name: &str,
     stage: &TrainStage,

@@ -345,11 +345,7 @@ fn round_pairs(
             }
         );
     }
-    let lines: String = pairs
-        .iter()
-        .map(|p| serde_json::to_string(p).expect("pair") + "\n")
-        .collect();
-    atomic::write(&path, lines.as_bytes())?;
+    crate::experiment::write_jsonl(&path, &pairs)?;
     ctx.metrics
         .scalar(&format!("{tag}/pairs"), 0, pairs.len() as f64);
     Ok(pairs)
@@ -357,6 +353,7 @@ fn round_pairs(
 
 /// The student's attempts on `problems` with the `current` model, on the
 /// actor runtime (resumable from its store).
+#[allow(clippy::too_many_arguments)]
 fn sample(
     ctx: &mut StageCtx,
     stage: &PreferenceStage,
@@ -366,8 +363,6 @@ fn sample(
     problems: &[Problem],
     seed: u64,
 ) -> Result<Vec<Trajectory>> {
-    let device = tch::Device::Cpu;
-    let policy = Policy::load(&current.dir, device, None)?;
     let template = ctx.cfg.student.template;
     let correcting;
     let plain;
@@ -388,7 +383,35 @@ fn sample(
         };
         &plain
     };
-    let model_dir = current.dir.clone();
+    attempts(
+        ctx,
+        rollout,
+        tag,
+        dir,
+        &current.dir,
+        problems,
+        &stage.runtime,
+        seed,
+    )
+}
+
+/// Runs `rollout` with the model in `model_dir` over `problems` on the actor
+/// runtime, storing in `dir` (a rerun resumes from the store); returns every
+/// stored trajectory.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attempts(
+    ctx: &mut StageCtx,
+    rollout: &dyn Rollout,
+    tag: &str,
+    dir: &Path,
+    model_dir: &Path,
+    problems: &[Problem],
+    runtime: &RuntimeConfig,
+    seed: u64,
+) -> Result<Vec<Trajectory>> {
+    let device = tch::Device::Cpu;
+    let policy = Policy::load(model_dir, device, None)?;
+    let model_dir = model_dir.to_path_buf();
     let build = move || Ok(Policy::load(&model_dir, device, None)?);
     learner::run(Online {
         name: tag,
@@ -398,7 +421,7 @@ fn sample(
         objective: &mut StoreOnly,
         policy: &policy,
         build_actor_policy: &build,
-        runtime: &stage.runtime,
+        runtime,
         learner: &LearnerConfig::default(),
         seed,
         metrics: ctx.metrics,
@@ -506,14 +529,5 @@ fn unpaired(pairs: &[Pair]) -> Vec<KtoExample> {
 
 /// Reads a pair file, naming the line of a malformed record.
 pub fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: not a preference pair", path.display(), i + 1))
-        })
-        .collect()
+    crate::experiment::read_jsonl(path, "a preference pair")
 }

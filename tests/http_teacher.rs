@@ -792,3 +792,160 @@ fn concurrency_limit_holds_across_threads() {
     let free = observe(8);
     assert!(free > 2, "only {free} in flight with max_concurrency = 8");
 }
+
+// ------------------------------------------------- teachers and MedThink
+
+/// A teacher server that answers MedThink's prompts in their formats: YES to
+/// screening, the first option's text with a knowledge point to explanations,
+/// a one-step chain to corrections; `malformed` questions get prose instead.
+fn medthink_server(malformed: &'static str) -> Server {
+    Server::start(move |_, body: &Value| {
+        let user = body["messages"][1]["content"].as_str().unwrap_or_default();
+        if !malformed.is_empty()
+            && user.contains(malformed)
+            && user.contains("Answer on the first line")
+        {
+            return Act::answer("I would rather not say.");
+        }
+        if user.contains("YES or NO") {
+            return Act::answer("YES");
+        }
+        let first = user
+            .lines()
+            .find_map(|l| l.strip_prefix("A. "))
+            .unwrap_or("nothing");
+        if user.contains("Answer on the first line") {
+            Act::answer(&format!("Answer: {first}\n\n1. A fact about {first}."))
+        } else {
+            Act::answer(&format!(
+                "Step 1: Consider the options.\n\nStep 2: The answer is {first}."
+            ))
+        }
+    })
+}
+
+fn medthink_config(dir: &Path, url: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"[run]
+name = "mt"
+out_dir = "{runs}"
+threads = 1
+[data.synthclinic]
+train = 12
+test = 4
+[teacher]
+kind = "http"
+[teacher.http]
+base_url = "{url}"
+model = "teacher-72b"
+api_key_env = "MEDZERO_TEST_KEY_UNSET"
+timeout_s = 2.0
+max_retries = 1
+backoff_initial_ms = 10
+backoff_max_ms = 20
+cache_dir = "{cache}"
+[student]
+hidden_size = 32
+layers = 1
+heads = 2
+kv_heads = 1
+intermediate_size = 64
+[[stages]]
+kind = "medthink_knowledge"
+name = "medthink-1"
+[stages.sft]
+epochs = 1
+batch_size = 4
+"#,
+        runs = dir.join("runs").display(),
+        cache = dir.join("cache").display(),
+    );
+    let path = dir.join("mt.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_medzero(config: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_medzero"))
+        .arg("run")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn medthink_knowledge_runs_on_an_http_teacher_and_reruns_from_its_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = medthink_server("");
+    let config = medthink_config(dir.path(), &server.url());
+    let out = run_medzero(&config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Screening and an explanation per training question.
+    assert_eq!(server.requests(), 24);
+    let stage = dir.path().join("runs/mt/stages/0-medthink-1");
+    let records: Vec<Value> = std::fs::read_to_string(stage.join("sharegpt.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 12);
+    for r in &records {
+        assert_eq!(r["conversations"][0]["from"], "user");
+        assert!(
+            r["conversations"][1]["value"]
+                .as_str()
+                .unwrap()
+                .starts_with("Answer: ")
+        );
+    }
+    // The server is gone: a rerun of the stage from scratch asks nothing.
+    server.kill();
+    std::fs::remove_dir_all(&stage).unwrap();
+    let out = run_medzero(&config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(stage.join("sharegpt.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        12
+    );
+}
+
+#[test]
+fn a_malformed_teacher_reply_skips_its_question_and_a_dead_teacher_stops_the_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every question whose text mentions a woman gets prose, not an answer.
+    let server = medthink_server("woman");
+    let config = medthink_config(dir.path(), &server.url());
+    let out = run_medzero(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("malformed teacher reply"), "{err}");
+    let kept = std::fs::read_to_string(
+        dir.path()
+            .join("runs/mt/stages/0-medthink-1/sharegpt.jsonl"),
+    )
+    .unwrap()
+    .lines()
+    .count();
+    assert!(kept > 0 && kept < 12, "{kept} of 12 kept");
+
+    // No server at all: a clear error naming the URL, a non-zero exit, no panic.
+    let dead = tempfile::tempdir().unwrap();
+    let config = medthink_config(dead.path(), "http://127.0.0.1:9/v1");
+    let out = run_medzero(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -203,7 +203,9 @@ fn teacher_noise_makes_it_wrong_on_that_share_and_screening_catches_most() {
         let e = o.explain(p).unwrap();
         let ok = verify::verify(p, &format!("The answer is {}.", e.letter)).correct;
         assert_eq!(ok, !o.is_noisy(p));
-        assert!(e.render(p).starts_with(&format!("Answer: {}. ", e.letter)));
+        let text = &p.option(&e.letter).unwrap().text;
+        assert!(e.render(p).starts_with(&format!("Answer: {text}\n")));
+        assert_eq!(verify::verify(p, &e.render(p)).correct, ok);
         assert!(e.render(p).contains("\n1. "));
         let keep = o.screen(p).unwrap();
         match (ok, keep) {

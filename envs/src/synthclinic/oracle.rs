@@ -47,13 +47,15 @@ pub struct Explanation {
 }
 
 impl Explanation {
-    /// The ShareGPT assistant turn: `Answer: <letter>. <text>` then numbered knowledge points.
+    /// The ShareGPT assistant turn: `Answer: <option text>` then numbered
+    /// knowledge points (by text, not letter: a small student learns to
+    /// copy a conclusion, not to bind it to a letter).
     pub fn render(&self, problem: &Problem) -> String {
         let text = problem
             .option(&self.letter)
             .map(|c| c.text.as_str())
             .unwrap_or("");
-        let mut s = format!("Answer: {}. {}\n", self.letter, text);
+        let mut s = format!("Answer: {text}\n");
         for (i, k) in self.knowledge.iter().enumerate() {
             s.push_str(&format!("\n{}. {}", i + 1, k));
         }
