@@ -329,7 +329,7 @@ fn special_tokens_have_their_ids_and_are_skipped_in_decoding() {
     assert_eq!(tok.token_id("<|endoftext|>"), Some(2));
     assert_eq!(tok.encode("<|im_end|>").expect("encode"), vec![4]);
     assert_eq!(tok.encode("<|im_start|>").expect("encode"), vec![3]);
-    let text = "Step 1: The answer is A.";
+    let text = "Step 2: Which of the following is the most likely diagnosis?";
     let ids = tok.encode(text).expect("encode");
     let with_specials: Vec<i64> = [tok.pad_id(), 3]
         .into_iter()
