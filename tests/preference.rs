@@ -304,7 +304,9 @@ fn dpo_training_raises_the_chosen_margin() {
     .unwrap();
     let acc = rec.scalars("dpo/rewards/accuracies");
     let margins = rec.scalars("dpo/rewards/margins");
-    assert_eq!(margins[0].1, 0.0, "policy = reference at step 1");
+    // Policy = reference at step 1, up to float error: the reference was
+    // computed in batches of 2, the policy in one batch of 4.
+    assert!(margins[0].1.abs() < 1e-3, "{margins:?}");
     assert_eq!(acc.last().unwrap().1, 1.0, "{acc:?}");
     assert!(margins.last().unwrap().1 > 0.5, "{margins:?}");
 }
