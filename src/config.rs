@@ -137,6 +137,8 @@ pub enum TeacherKind {
     Oracle,
     /// An OpenAI-compatible chat-completions server (`[teacher.http]`).
     Http,
+    /// A medzero model folder, e.g. a bigger model (`[teacher.local]`).
+    Local,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +147,7 @@ pub struct TeacherConfig {
     pub kind: TeacherKind,
     pub oracle: OracleConfig,
     pub http: crate::http_teacher::HttpTeacherConfig,
+    pub local: crate::teacher::LocalTeacherConfig,
 }
 
 impl Default for TeacherConfig {
@@ -153,6 +156,7 @@ impl Default for TeacherConfig {
             kind: TeacherKind::Oracle,
             oracle: OracleConfig::default(),
             http: Default::default(),
+            local: Default::default(),
         }
     }
 }
@@ -308,6 +312,12 @@ impl Config {
                 .http
                 .validate()
                 .map_err(|e| anyhow!("teacher.http: {e}"))?;
+        }
+        if self.teacher.kind == TeacherKind::Local {
+            self.teacher
+                .local
+                .validate()
+                .map_err(|e| anyhow!("teacher.local: {e}"))?;
         }
         for f in &self.data.eval_files {
             if !f.exists() {

@@ -4,11 +4,13 @@
 
 use crate::meds3::{self, Prm};
 use crate::selection::{self, Candidate, Rule};
+use crate::teacher::Teacher;
 use anyhow::{Result, bail};
 use medzero_envs::{Problem, verify};
 use medzero_policies::tokenizer::PromptTemplate;
 use medzero_policies::{Policy, SamplingParams};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -26,6 +28,9 @@ pub struct EvalConfig {
     pub batch_size: usize,
     /// Selection rules scored over the samples (`rule@N` in the table).
     pub rules: Vec<Rule>,
+    /// Also have the teacher judge each greedy answer (LLM-as-judge,
+    /// `judge_accuracy`); the strict rule verifier still gives the accuracy.
+    pub judge: bool,
 }
 
 impl Default for EvalConfig {
@@ -38,6 +43,7 @@ impl Default for EvalConfig {
             limit: 0,
             batch_size: 32,
             rules: vec![Rule::VoteSc],
+            judge: false,
         }
     }
 }
@@ -56,6 +62,31 @@ pub struct EvalReport {
     /// The PRM's step scores against ground-truth step labels, when both
     /// were available.
     pub prm_quality: Option<PrmQuality>,
+    /// The judge's verdicts on the greedy answers, when one was asked.
+    pub judge: Option<JudgeReport>,
+}
+
+/// LLM-as-judge on the greedy answers, held against the strict verifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeReport {
+    pub judge: String,
+    /// Share judged correct (verdict 1); a failed judgement counts as wrong.
+    pub accuracy: f64,
+    /// Share where the verdict equals the strict verifier's.
+    pub agreement: f64,
+    /// Judgements that failed (a malformed reply).
+    pub failures: usize,
+}
+
+/// What besides the strict verifier scores an evaluation.
+#[derive(Default, Clone, Copy)]
+pub struct Graders<'a> {
+    /// Scores sampled chains for the PRM selection rules.
+    pub prm: Option<&'a Prm>,
+    /// Ground-truth step labels, to measure the PRM against.
+    pub labeller: Option<StepLabeller<'a>>,
+    /// The teacher that judges greedy answers when `EvalConfig::judge`.
+    pub judge: Option<&'a dyn Teacher>,
 }
 
 /// How well PRM scores separate correct from wrong steps.
@@ -113,16 +144,25 @@ pub type StepLabeller<'a> = &'a dyn Fn(&Problem, &[String]) -> Option<Vec<bool>>
 
 /// Scores `policy` on `problems`: greedy, and with `cfg.samples` samples per
 /// question each selection rule of `cfg.rules` (those that need a PRM score
-/// the samples' steps with `prm`).
+/// the samples' steps with `graders.prm`).
 pub fn evaluate(
     policy: &Policy,
     problems: &[Problem],
     template: PromptTemplate,
     cfg: &EvalConfig,
-    prm: Option<&Prm>,
-    labeller: Option<StepLabeller>,
+    graders: Graders,
     rng: &mut ChaCha8Rng,
 ) -> Result<EvalReport> {
+    let Graders {
+        prm,
+        labeller,
+        judge,
+    } = graders;
+    let judge = match (cfg.judge, judge) {
+        (true, None) => bail!("eval.judge needs a teacher to judge with"),
+        (true, Some(j)) => Some(j),
+        (false, _) => None,
+    };
     let needs_prm: Vec<String> = cfg
         .rules
         .iter()
@@ -159,19 +199,39 @@ pub fn evaluate(
     let mut prm_pairs: Vec<(f64, bool)> = Vec::new();
     let mut tokens = 0u64;
     let mut by_task: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let (mut judged_ok, mut agree, mut judge_failures) = (0usize, 0usize, 0usize);
     for chunk in problems.chunks(cfg.batch_size.max(1)) {
         let prompts: Vec<Vec<i64>> = chunk
             .iter()
             .map(|p| policy.tokenizer.encode(&template.render(&p.prompt_text())))
             .collect::<Result<_, _>>()?;
         let outs = policy.generate(&prompts, &greedy, rng)?;
-        for (p, g) in chunk.iter().zip(&outs) {
+        // Judged concurrently: an HTTP judge has its own concurrency limit.
+        let verdicts: Vec<Option<u8>> = match judge {
+            Some(j) => chunk
+                .par_iter()
+                .zip(&outs)
+                .map(|(p, g)| match j.judge(p, &g.text) {
+                    Ok(v) => Ok(Some(v)),
+                    Err(e) if crate::teacher::is_malformed(&e) => Ok(None),
+                    Err(e) => Err(e.context(format!("judging {}", p.id))),
+                })
+                .collect::<Result<_>>()?,
+            None => Vec::new(),
+        };
+        for (i, (p, g)) in chunk.iter().zip(&outs).enumerate() {
             tokens += g.tokens.len() as u64;
             let ok = verify::verify(p, &g.text).correct;
             hits += ok as usize;
             let e = by_task.entry(p.task.clone()).or_default();
             e.0 += ok as usize;
             e.1 += 1;
+            if judge.is_some() {
+                let v = verdicts[i];
+                judged_ok += (v == Some(1)) as usize;
+                agree += ((v == Some(1)) == ok) as usize;
+                judge_failures += v.is_none() as usize;
+            }
         }
         if cfg.samples > 0 {
             // All N samples of a prompt share its prefill through a forked cache.
@@ -232,6 +292,12 @@ pub fn evaluate(
             .collect(),
         generated_tokens: tokens,
         prm_quality: PrmQuality::from_pairs(&prm_pairs),
+        judge: judge.map(|j| JudgeReport {
+            judge: j.name(),
+            accuracy: judged_ok as f64 / n,
+            agreement: agree as f64 / n,
+            failures: judge_failures,
+        }),
     })
 }
 

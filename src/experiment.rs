@@ -335,6 +335,7 @@ fn run_baselines(ctx: &mut StageCtx) -> Result<Vec<Row>> {
                 eval_set: set.clone(),
                 greedy_accuracy: s.accuracy,
                 selection_accuracy: Default::default(),
+                judge_accuracy: None,
                 per_task: if *synthetic {
                     s.per_task
                 } else {
@@ -446,6 +447,10 @@ pub fn teacher(cfg: &Config, world: &SynthClinic) -> Result<Box<dyn crate::teach
             crate::http_teacher::HttpTeacher::new(cfg.teacher.http.clone())
                 .map_err(|e| anyhow::anyhow!("teacher.http: {e}"))?,
         )),
+        TeacherKind::Local => Box::new(crate::teacher::LocalTeacher::load(
+            &cfg.teacher.local,
+            cfg.student.template,
+        )?),
     })
 }
 
@@ -574,6 +579,11 @@ fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
             .collect();
         oracle.label_steps(p, &steps).ok()
     };
+    let judge = if stage.eval.judge {
+        Some(teacher(ctx.cfg, ctx.world)?)
+    } else {
+        None
+    };
     for name in &stage.models {
         let m = ctx.model(name)?;
         let policy = Policy::load(&m.dir, tch::Device::Cpu, None)?;
@@ -584,10 +594,25 @@ fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
             &ctx.world.test,
             ctx.cfg.student.template,
             &stage.eval,
-            prm.as_ref(),
-            Some(&labeller),
+            eval::Graders {
+                prm: prm.as_ref(),
+                labeller: Some(&labeller),
+                judge: judge.as_deref(),
+            },
             &mut rng,
         )?;
+        if let Some(j) = &r.judge {
+            ctx.metrics
+                .scalar(&format!("eval/{name}/judge_accuracy"), 0, j.accuracy);
+            eprintln!(
+                "{name}: judge {} calls {:.1}% correct (strict rule {:.1}%), agreeing with the rule on {:.1}%, {} failed judgements",
+                j.judge,
+                100.0 * j.accuracy,
+                100.0 * r.greedy_accuracy,
+                100.0 * j.agreement,
+                j.failures
+            );
+        }
         if let Some(q) = &r.prm_quality {
             for (k, v) in [
                 ("steps", q.steps as f64),
@@ -624,6 +649,7 @@ fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
             eval_set: "synthclinic-test".into(),
             greedy_accuracy: r.greedy_accuracy,
             selection_accuracy: r.selection_accuracy,
+            judge_accuracy: r.judge.map(|j| j.accuracy),
             per_task: r.per_task,
             n: r.n,
             training_tokens: m.training_tokens,
@@ -631,4 +657,37 @@ fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+/// A model folder as given, or the last trained model of a run folder.
+pub fn resolve_model(path: &Path) -> Result<PathBuf> {
+    if path.join("config.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let stages = path.join("stages");
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&stages)
+        .with_context(|| {
+            format!(
+                "{} is neither a model folder (no config.json) nor a run folder (no stages/)",
+                path.display()
+            )
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let k = e
+                .file_name()
+                .to_string_lossy()
+                .split('-')
+                .next()?
+                .parse::<usize>()
+                .ok()?;
+            let model = e.path().join("model");
+            model.join("config.json").exists().then_some((k, model))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, m)| m)
+        .with_context(|| format!("run {} has no trained model yet", path.display()))
 }

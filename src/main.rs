@@ -98,6 +98,11 @@ struct EvalArgs {
     /// A PRM folder (a `meds3_prm` stage's model) for the PRM rules.
     #[arg(long)]
     prm: Option<PathBuf>,
+    /// An experiment TOML whose `[teacher]` also judges each greedy answer
+    /// (LLM-as-judge, 1 = correct / 2 = wrong), reported beside the strict
+    /// verifier's accuracy.
+    #[arg(long)]
+    judge: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     #[arg(long, default_value = "plain")]
@@ -279,41 +284,8 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// A model folder as given, or the last trained model of a run folder.
-fn resolve_model(path: &std::path::Path) -> Result<PathBuf> {
-    if path.join("config.json").exists() {
-        return Ok(path.to_path_buf());
-    }
-    let stages = path.join("stages");
-    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&stages)
-        .with_context(|| {
-            format!(
-                "{} is neither a model folder (no config.json) nor a run folder (no stages/)",
-                path.display()
-            )
-        })?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let k = e
-                .file_name()
-                .to_string_lossy()
-                .split('-')
-                .next()?
-                .parse::<usize>()
-                .ok()?;
-            let model = e.path().join("model");
-            model.join("config.json").exists().then_some((k, model))
-        })
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .map(|(_, m)| m)
-        .with_context(|| format!("run {} has no trained model yet", path.display()))
-}
-
 fn eval(a: &EvalArgs) -> Result<()> {
-    let dir = resolve_model(&a.model)?;
+    let dir = medzero::experiment::resolve_model(&a.model)?;
     let policy = Policy::load(&dir, tch::Device::Cpu, None)?;
     let problems = loaders::load_problems(&a.data)?;
     let cfg = EvalConfig {
@@ -321,6 +293,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         limit: a.limit,
         rules: a.select.clone(),
+        judge: a.judge.is_some(),
         ..EvalConfig::default()
     };
     let prm = a
@@ -328,14 +301,27 @@ fn eval(a: &EvalArgs) -> Result<()> {
         .as_deref()
         .map(medzero::meds3::Prm::load)
         .transpose()?;
+    let judge = match &a.judge {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--judge {}", path.display()))?;
+            let jc = Config::load(&text, &path.display().to_string(), &[])?;
+            let world = SynthClinic::generate(&jc.data.synthclinic)?;
+            Some(medzero::experiment::teacher(&jc, &world)?)
+        }
+        None => None,
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let r = medzero::eval::evaluate(
         &policy,
         &problems,
         template(&a.template)?,
         &cfg,
-        prm.as_ref(),
-        None,
+        medzero::eval::Graders {
+            prm: prm.as_ref(),
+            labeller: None,
+            judge: judge.as_deref(),
+        },
         &mut rng,
     )?;
     if a.json {
@@ -347,6 +333,15 @@ fn eval(a: &EvalArgs) -> Result<()> {
         println!("greedy: {:.1}%", 100.0 * r.greedy_accuracy);
         for (rule, acc) in &r.selection_accuracy {
             println!("{rule}: {:.1}%", 100.0 * acc);
+        }
+        if let Some(j) = &r.judge {
+            println!(
+                "judge:  {:.1}% by {} (agrees with the strict rule on {:.1}%, {} failed)",
+                100.0 * j.accuracy,
+                j.judge,
+                100.0 * j.agreement,
+                j.failures
+            );
         }
     }
     Ok(())

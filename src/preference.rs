@@ -175,6 +175,11 @@ pub fn run(
     } else {
         &train[..]
     };
+    let judge = if stage.eval.judge {
+        Some(crate::experiment::teacher(ctx.cfg, ctx.world)?)
+    } else {
+        None
+    };
     let mut current = init.clone();
     let mut rows = Vec::new();
     for round in 1..=stage.rounds {
@@ -238,8 +243,10 @@ pub fn run(
                 &ctx.world.test,
                 ctx.cfg.student.template,
                 &stage.eval,
-                None,
-                None,
+                eval::Graders {
+                    judge: judge.as_deref(),
+                    ..Default::default()
+                },
                 &mut rng,
             )?;
             ctx.metrics.scalar(
@@ -253,6 +260,7 @@ pub fn run(
                 eval_set: "synthclinic-test".into(),
                 greedy_accuracy: r.greedy_accuracy,
                 selection_accuracy: r.selection_accuracy,
+                judge_accuracy: r.judge.map(|j| j.accuracy),
                 per_task: r.per_task,
                 n: r.n,
                 training_tokens: tokens,

@@ -13,6 +13,9 @@ pub struct Row {
     /// Accuracy after selecting among N samples, keyed by `rule@N`.
     #[serde(default)]
     pub selection_accuracy: BTreeMap<String, f64>,
+    /// Share of greedy answers the teacher judged correct (`eval.judge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_accuracy: Option<f64>,
     #[serde(default)]
     pub per_task: BTreeMap<String, f64>,
     pub n: usize,
@@ -46,7 +49,11 @@ impl Results {
             "# Results: {}\n\nseed {} · {}\n\n",
             self.run, self.seed, self.stamp
         );
+        let judged = self.rows.iter().any(|r| r.judge_accuracy.is_some());
         s.push_str("| method | eval set | n | greedy acc |");
+        if judged {
+            s.push_str(" judge acc |");
+        }
         for r in &rules {
             s.push_str(&format!(" {r} |"));
         }
@@ -54,7 +61,7 @@ impl Results {
             s.push_str(&format!(" {t} |"));
         }
         s.push_str(" training tokens | wall s |\n|---|---|---|---|");
-        s.push_str(&"---|".repeat(rules.len() + tasks.len() + 2));
+        s.push_str(&"---|".repeat(rules.len() + tasks.len() + 2 + judged as usize));
         s.push('\n');
         let pct = |v: Option<&f64>| {
             v.map(|v| format!("{:.1}%", 100.0 * v))
@@ -68,6 +75,9 @@ impl Results {
                 row.n,
                 pct(Some(&row.greedy_accuracy))
             ));
+            if judged {
+                s.push_str(&format!(" {} |", pct(row.judge_accuracy.as_ref())));
+            }
             for r in &rules {
                 s.push_str(&format!(" {} |", pct(row.selection_accuracy.get(*r))));
             }
