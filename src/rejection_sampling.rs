@@ -9,8 +9,20 @@ use crate::sampling::{Sampler, SamplingConfig};
 use crate::sft::TrajectorySft;
 use anyhow::{Result, bail};
 use medzero_policies::Policy;
-use medzero_rewards::RuleVerifier;
+use medzero_rewards::{Reward, RuleVerifier};
 use serde::{Deserialize, Serialize};
+
+/// What scores a sampled answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// Strict rule verification against the gold option (REFERENCE 1).
+    #[default]
+    Rule,
+    /// The run's teacher as LLM-as-judge (1 = correct), for free-text
+    /// answers a rule cannot check.
+    Judge,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,6 +33,7 @@ pub struct RejectionSamplingStage {
     /// Training problems used, from the start of the train split (0: all).
     pub problems: usize,
     pub sampling: SamplingConfig,
+    pub reward: RewardKind,
     /// Trajectories with at least this reward are trained on.
     pub min_reward: f32,
     /// Truncated importance weighting of each token's loss (0: off).
@@ -38,6 +51,7 @@ impl Default for RejectionSamplingStage {
             init: String::new(),
             problems: 0,
             sampling: SamplingConfig::default(),
+            reward: RewardKind::Rule,
             min_reward: 1.0,
             importance_clip: 0.0,
             max_len: 512,
@@ -81,10 +95,18 @@ pub fn run(ctx: &mut StageCtx, name: &str, stage: &RejectionSamplingStage) -> Re
         stage.importance_clip,
         stage.max_len,
     )?;
+    let judge = match stage.reward {
+        RewardKind::Judge => Some(crate::experiment::teacher(ctx.cfg, ctx.world)?),
+        RewardKind::Rule => None,
+    };
+    let reward: Box<dyn Reward + '_> = match &judge {
+        Some(t) => Box::new(crate::teacher::JudgeReward(t.as_ref())),
+        None => Box::new(RuleVerifier),
+    };
     let rollout = Sampler {
         cfg: stage.sampling.clone(),
         template,
-        reward: RuleVerifier,
+        reward,
     };
     let init_dir = init.dir.clone();
     let build = move || Ok(Policy::load(&init_dir, device, None)?);

@@ -799,7 +799,11 @@ fn concurrency_limit_holds_across_threads() {
 /// screening, the first option's text with a knowledge point to explanations,
 /// a one-step chain to corrections; `malformed` questions get prose instead.
 fn medthink_server(malformed: &'static str) -> Server {
-    Server::start(move |_, body: &Value| {
+    Server::start(medthink_script(malformed))
+}
+
+fn medthink_script(malformed: &'static str) -> impl Fn(usize, &Value) -> Act + Send + Sync {
+    move |_, body: &Value| {
         let user = body["messages"][1]["content"].as_str().unwrap_or_default();
         if !malformed.is_empty()
             && user.contains(malformed)
@@ -821,7 +825,7 @@ fn medthink_server(malformed: &'static str) -> Server {
                 "Step 1: Consider the options.\n\nStep 2: The answer is {first}."
             ))
         }
-    })
+    }
 }
 
 fn medthink_config(dir: &Path, url: &str) -> std::path::PathBuf {
@@ -948,4 +952,41 @@ fn a_malformed_teacher_reply_skips_its_question_and_a_dead_teacher_stops_the_sta
     assert!(!out.status.success());
     assert!(err.contains("127.0.0.1:9"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_teacher_killed_mid_stage_stops_it_and_the_rerun_asks_only_the_rest() {
+    const K: usize = 10;
+    let dir = tempfile::tempdir().unwrap();
+    // Answers K requests, then hangs up on everything, like a crashed server.
+    let script = medthink_script("");
+    let mut first = Server::start(move |i, b| if i < K { script(i, b) } else { Act::hang_up() });
+    let config = medthink_config(dir.path(), &first.url());
+    let out = run_medzero(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&first.addr.to_string()), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let stage = dir.path().join("runs/mt/stages/0-medthink-1");
+    assert!(!stage.join("sharegpt.jsonl").exists());
+    let answered = first.requests().min(K);
+    first.kill();
+
+    // Back on the same address: the rerun completes, asking only what the
+    // first run did not get answered.
+    let second = Server::start_on(first.addr, Arc::new(medthink_script("")));
+    let out = run_medzero(&config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(second.requests(), 24 - answered);
+    assert_eq!(
+        std::fs::read_to_string(stage.join("sharegpt.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        12
+    );
 }

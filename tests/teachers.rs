@@ -5,10 +5,16 @@
 mod support;
 
 use medzero::config::Config;
-use medzero::teacher::{LocalTeacher, LocalTeacherConfig, Teacher, is_malformed};
-use medzero_envs::synthclinic::SynthClinic;
+use medzero::runtime::actor::Rollout;
+use medzero::sampling::{Sampler, SamplingConfig};
+use medzero::teacher::{
+    JudgeReward, LocalTeacher, LocalTeacherConfig, OracleTeacher, Teacher, is_malformed,
+};
+use medzero_envs::synthclinic::{OracleConfig, SynthClinic};
 use medzero_envs::verify;
 use medzero_policies::tokenizer::PromptTemplate;
+use medzero_rewards::{Reward, RuleVerifier};
+use rand::SeedableRng;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use support::{medzero, stderr, stdout, write_config};
@@ -115,6 +121,37 @@ fn a_local_model_teaches_screens_corrects_and_judges() {
     for (p, k) in world.train.iter().zip(&kept) {
         assert!(all.screen(p).unwrap());
         assert_eq!(strict_again.screen(p).unwrap(), *k);
+    }
+
+    // The judge as the reward of sampled answers: an oracle judge without
+    // noise scores as the rule does; one wrong on every item inverts it.
+    let model =
+        medzero_policies::Policy::load(&run.join("stages/0-chains/model"), tch::Device::Cpu, None)
+            .unwrap();
+    for noise in [0.0, 1.0] {
+        let oracle = OracleTeacher(world.oracle(OracleConfig {
+            noise,
+            ..Default::default()
+        }));
+        let sampler = Sampler {
+            cfg: SamplingConfig {
+                samples: 4,
+                max_new_tokens: 160,
+                ..Default::default()
+            },
+            template: PromptTemplate::Plain,
+            reward: Box::new(JudgeReward(&oracle)) as Box<dyn Reward>,
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let mut both = [0, 0];
+        for p in &world.train {
+            for t in sampler.rollout(&model, p, &mut rng).unwrap().trajectories {
+                let rule = RuleVerifier.score(p, &t.steps);
+                assert_eq!(t.reward, if noise == 0.0 { rule } else { 1.0 - rule });
+                both[rule as usize] += 1;
+            }
+        }
+        assert!(both[1] > 0, "{both:?}");
     }
 
     // An untrained model names no option: a malformed reply, not a crash.

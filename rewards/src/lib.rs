@@ -10,6 +10,16 @@ pub trait Reward: Send + Sync {
     fn score(&self, problem: &Problem, steps: &[Step]) -> f32;
 }
 
+/// A reward chosen at run time (the rule verifier or a judge) behind a box.
+impl<R: Reward + ?Sized> Reward for Box<R> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn score(&self, problem: &Problem, steps: &[Step]) -> f32 {
+        (**self).score(problem, steps)
+    }
+}
+
 /// 1 when the last step's answer verifies strictly against the gold, else 0.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RuleVerifier;
