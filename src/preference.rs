@@ -68,6 +68,9 @@ pub struct PreferenceStage {
     pub runtime: RuntimeConfig,
     /// How each round's model is scored on the test split.
     pub eval: EvalConfig,
+    /// Each round's scores join the run's table (false: only TensorBoard and
+    /// `round.json`, for runs whose eval stage scores the final model).
+    pub report_rounds: bool,
 }
 
 impl Default for PreferenceStage {
@@ -98,6 +101,7 @@ impl Default for PreferenceStage {
             },
             runtime: RuntimeConfig::default(),
             eval: EvalConfig::default(),
+            report_rounds: true,
         }
     }
 }
@@ -291,7 +295,9 @@ pub fn run(
             training_tokens: report.tokens,
             wall_s: current.wall_s + report.wall_s,
         };
-        rows.push(report.row);
+        if stage.report_rounds {
+            rows.push(report.row);
+        }
     }
     Ok(StageResult {
         rows,
