@@ -462,6 +462,7 @@ fn textbook_examples(world: &SynthClinic) -> Vec<Example> {
         .map(|l| Example {
             prompt: String::new(),
             completion: l.clone(),
+            ..Default::default()
         })
         .collect()
 }
@@ -481,6 +482,7 @@ fn teacher_examples(
             Ok(Example {
                 prompt: template.render(&p.prompt_text()),
                 completion: completion(&oracle, p)?,
+                ..Default::default()
             })
         })
         .collect()

@@ -496,6 +496,10 @@ pub struct PolicyStage {
     pub init: String,
     /// Search stages whose `pos` chains are trained on.
     pub data: Vec<String>,
+    /// Keep steps whose MCTS value fell below the previous step's as
+    /// context, not targets: a correct chain can pass through a step that
+    /// made the answer less likely, and the student should not learn it.
+    pub mask_dropped_steps: bool,
     pub sft: SftConfig,
 }
 
@@ -504,9 +508,15 @@ pub fn policy_examples(ctx: &StageCtx, stage: &PolicyStage) -> Result<Vec<crate:
     let mut examples = Vec::new();
     for (p, r) in records(ctx, &stage.data)? {
         for leaf in &r.pos {
+            let (completion, untrained) = chain_text_masked(&leaf.chain);
             examples.push(crate::sft::Example {
                 prompt: template.render(&p.prompt_text()),
-                completion: chain_text(&leaf.chain),
+                completion,
+                untrained: if stage.mask_dropped_steps {
+                    untrained
+                } else {
+                    Vec::new()
+                },
             });
         }
     }
@@ -522,6 +532,24 @@ pub fn policy_examples(ctx: &StageCtx, stage: &PolicyStage) -> Result<Vec<crate:
 /// What the student writes for a chain: the root sentence, then the steps.
 pub fn chain_text(chain: &[mcts::Meds3Step]) -> String {
     format!("{ROOT_TEXT}\n\n{}", mcts::sft_text(chain))
+}
+
+/// [`chain_text`] with the byte range of each step (its `Step k:` marker
+/// and text) whose value is below the previous step's.
+pub fn chain_text_masked(chain: &[mcts::Meds3Step]) -> (String, Vec<std::ops::Range<usize>>) {
+    let mut text = format!("{ROOT_TEXT}\n\n");
+    let mut dropped = Vec::new();
+    for (i, s) in chain.iter().enumerate() {
+        if i > 0 {
+            text.push_str("\n\n");
+        }
+        let start = text.len();
+        text.push_str(&format!("Step {}: {}", i + 1, s.text));
+        if i > 0 && s.value < chain[i - 1].value {
+            dropped.push(start..text.len());
+        }
+    }
+    (text, dropped)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -766,4 +794,22 @@ pub fn response_steps(text: &str) -> Vec<String> {
         .into_iter()
         .map(|s| s.text)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_chain_text_marks_exactly_the_steps_whose_value_fell() {
+        let chain: Vec<mcts::Meds3Step> = [("a", 0.5), ("b", 0.25), ("c", 0.75), ("d", 0.75)]
+            .into_iter()
+            .map(|(t, v)| (t.to_string(), v, None).into())
+            .collect();
+        let (text, ranges) = chain_text_masked(&chain);
+        assert_eq!(text, chain_text(&chain));
+        let masked: Vec<&str> = ranges.iter().map(|r| &text[r.clone()]).collect();
+        // Step 2 fell (0.5 -> 0.25); step 3 rose; step 4 held.
+        assert_eq!(masked, ["Step 2: b"]);
+    }
 }

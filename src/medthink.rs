@@ -122,6 +122,7 @@ fn examples(ctx: &StageCtx, records: &[ShareGpt]) -> Vec<Example> {
         .map(|r| Example {
             prompt: template.render(&r.conversations[0].value),
             completion: r.answer().to_string(),
+            ..Default::default()
         })
         .collect()
 }

@@ -79,10 +79,44 @@ impl SftConfig {
 }
 
 /// One training sequence: `completion` is learned, `prompt` is context.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Example {
     pub prompt: String,
     pub completion: String,
+    /// Byte ranges of `completion` that stay context, not targets (e.g.
+    /// MedS3 steps whose value dropped); sorted, disjoint, on char
+    /// boundaries. Each piece is tokenized on its own, so ranges should
+    /// start and end at word boundaries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub untrained: Vec<std::ops::Range<usize>>,
+}
+
+impl Example {
+    /// `completion` cut at the `untrained` ranges: (text, learned) pieces.
+    fn pieces(&self) -> Result<Vec<(&str, bool)>> {
+        let c = &self.completion;
+        let mut out = Vec::new();
+        let mut at = 0;
+        for r in &self.untrained {
+            if r.start < at
+                || r.end < r.start
+                || r.end > c.len()
+                || !c.is_char_boundary(r.start)
+                || !c.is_char_boundary(r.end)
+            {
+                bail!(
+                    "untrained range {r:?} is not sorted, disjoint and on char boundaries of a {}-byte completion",
+                    c.len()
+                );
+            }
+            out.push((&c[at..r.start], true));
+            out.push((&c[r.clone()], false));
+            at = r.end;
+        }
+        out.push((&c[at..], true));
+        out.retain(|(t, _)| !t.is_empty());
+        Ok(out)
+    }
 }
 
 /// Tokens of an example and which of them are targets.
@@ -93,13 +127,21 @@ struct Encoded {
 
 fn encode(policy: &Policy, e: &Example, end: i64, max_len: usize) -> Result<Encoded> {
     let tok = &policy.tokenizer;
-    let prompt = tok.encode(&e.prompt)?;
-    let mut completion = tok.encode(&e.completion)?;
-    completion.push(end);
-    let mut ids: Vec<i64> = prompt.iter().chain(&completion).copied().collect();
-    let mut targets: Vec<i64> = std::iter::repeat_n(0, prompt.len())
-        .chain(std::iter::repeat_n(1, completion.len()))
-        .collect();
+    let mut ids = tok.encode(&e.prompt)?;
+    let mut targets = vec![0; ids.len()];
+    if e.untrained.is_empty() {
+        let completion = tok.encode(&e.completion)?;
+        targets.extend(std::iter::repeat_n(1, completion.len()));
+        ids.extend(completion);
+    } else {
+        for (text, learned) in e.pieces()? {
+            let piece = tok.encode(text)?;
+            targets.extend(std::iter::repeat_n(learned as i64, piece.len()));
+            ids.extend(piece);
+        }
+    }
+    ids.push(end);
+    targets.push(1);
     ids.truncate(max_len);
     targets.truncate(max_len);
     Ok(Encoded { ids, targets })
@@ -330,5 +372,54 @@ impl crate::runtime::learner::Objective for TrajectorySft {
                 ("completion_tokens", n_targets),
             ],
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medzero_policies::llama::DecoderConfig;
+    use medzero_policies::tokenizer::Tokenizer;
+
+    #[test]
+    // One-range lists and a reversed range are what this test feeds on purpose.
+    #[allow(clippy::single_range_in_vec_init, clippy::reversed_empty_ranges)]
+    fn untrained_ranges_stay_context_and_tokenize_as_the_whole() {
+        let tok = Tokenizer::word_level(["Why? Step 1: fever means A.\n\nStep 2: so B."], 1);
+        let cfg = DecoderConfig::tiny_qwen2(tok.vocab_size() as i64, tok.eos_id());
+        let policy = Policy::new_random(&cfg, tok, tch::Device::Cpu, 0).unwrap();
+        let completion = "Step 1: fever means A.\n\nStep 2: so B.";
+        let whole = Example {
+            prompt: "Why?".into(),
+            completion: completion.into(),
+            ..Default::default()
+        };
+        let step2 = completion.find("Step 2").unwrap()..completion.len();
+        let masked = Example {
+            untrained: vec![step2.clone()],
+            ..whole.clone()
+        };
+        let (a, b) = (
+            encode(&policy, &whole, 0, 512).unwrap(),
+            encode(&policy, &masked, 0, 512).unwrap(),
+        );
+        assert_eq!(a.ids, b.ids);
+        let n_prompt = policy.tokenizer.encode("Why?").unwrap().len();
+        let n_step2 = policy.tokenizer.encode(&completion[step2]).unwrap().len();
+        let n = a.ids.len();
+        // Prompt: context; step 1: learned; step 2: context; the end token: learned.
+        assert!(a.targets[n_prompt..].iter().all(|&t| t == 1));
+        assert!(b.targets[..n_prompt].iter().all(|&t| t == 0));
+        assert!(b.targets[n_prompt..n - 1 - n_step2].iter().all(|&t| t == 1));
+        assert!(b.targets[n - 1 - n_step2..n - 1].iter().all(|&t| t == 0));
+        assert_eq!(b.targets[n - 1], 1);
+
+        for bad in [vec![5..3], vec![0..4, 2..6], vec![0..completion.len() + 1]] {
+            let e = Example {
+                untrained: bad,
+                ..whole.clone()
+            };
+            assert!(encode(&policy, &e, 0, 512).is_err());
+        }
     }
 }
