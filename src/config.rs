@@ -106,6 +106,9 @@ pub struct RunConfig {
     pub deterministic: bool,
     /// libtorch intra-op threads (0 = all cores).
     pub threads: usize,
+    /// Where models train and generate: `cpu`, `cuda`, `cuda:N`, or `auto`
+    /// (the first GPU when libtorch sees one, else the CPU).
+    pub device: String,
 }
 
 impl Default for RunConfig {
@@ -116,7 +119,42 @@ impl Default for RunConfig {
             out_dir: "runs".into(),
             deterministic: true,
             threads: 0,
+            device: "cpu".into(),
         }
+    }
+}
+
+impl RunConfig {
+    /// `run.device` as a libtorch device; a GPU libtorch cannot see is an
+    /// error, not a silent fall back to the CPU.
+    pub fn device(&self) -> Result<tch::Device> {
+        let gpus = tch::Cuda::device_count() as usize;
+        let index = match self.device.as_str() {
+            "cpu" => return Ok(tch::Device::Cpu),
+            "auto" => {
+                return Ok(if gpus > 0 {
+                    tch::Device::Cuda(0)
+                } else {
+                    tch::Device::Cpu
+                });
+            }
+            "cuda" => 0,
+            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => i,
+                _ => bail!(
+                    "run.device must be cpu, cuda, cuda:N or auto, got {:?}",
+                    self.device
+                ),
+            },
+        };
+        if index >= gpus {
+            bail!(
+                "run.device = {:?}, but libtorch sees {gpus} CUDA device(s) (a CPU-only machine, or a \
+                 CPU build of libtorch); use run.device = \"cpu\" or \"auto\"",
+                self.device
+            );
+        }
+        Ok(tch::Device::Cuda(index))
     }
 }
 
@@ -295,6 +333,13 @@ impl Config {
                 "run.name must be a plain folder name, got {:?}",
                 self.run.name
             );
+        }
+        let d = self.run.device.as_str();
+        if !(matches!(d, "cpu" | "cuda" | "auto")
+            || d.strip_prefix("cuda:")
+                .is_some_and(|i| i.parse::<usize>().is_ok()))
+        {
+            bail!("run.device must be cpu, cuda, cuda:N or auto, got {d:?}");
         }
         self.data.synthclinic.validate()?;
         let o = &self.teacher.oracle;
@@ -505,6 +550,28 @@ mod tests {
     fn quickstart_parses_and_validates() {
         let c = Config::load(QUICKSTART, "quickstart", &[]).unwrap();
         assert!(!c.stages.is_empty());
+    }
+
+    #[test]
+    fn run_device_names_a_usable_device_or_says_why_not() {
+        let with = |d: &str| Config::load("", "t", &[format!("run.device=\"{d}\"")]);
+        let e = format!("{:#}", with("gpu").unwrap_err());
+        assert!(e.contains("cpu, cuda, cuda:N or auto"), "{e}");
+        assert!(with("cuda:x").is_err());
+        let gpus = tch::Cuda::device_count() as usize;
+        assert_eq!(with("cpu").unwrap().run.device().unwrap(), tch::Device::Cpu);
+        let auto = with("auto").unwrap().run.device().unwrap();
+        assert_eq!(auto == tch::Device::Cpu, gpus == 0);
+        // Syntax is checked at load; whether the GPU exists, when a run starts.
+        let far = with(&format!("cuda:{gpus}")).unwrap();
+        let e = far.run.device().unwrap_err().to_string();
+        assert!(e.contains(&format!("sees {gpus} CUDA device")), "{e}");
+        if gpus > 0 {
+            assert_eq!(
+                with("cuda").unwrap().run.device().unwrap(),
+                tch::Device::Cuda(0)
+            );
+        }
     }
 
     #[test]

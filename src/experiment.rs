@@ -41,6 +41,8 @@ pub struct StageCtx<'a> {
     pub models: &'a BTreeMap<String, TrainedModel>,
     /// Set by SIGINT/SIGTERM: stages checkpoint and return.
     pub stop: &'a AtomicBool,
+    /// `run.device`: where the stage's models train and generate.
+    pub device: tch::Device,
 }
 
 /// A model a training stage left behind.
@@ -128,7 +130,8 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }
-    let stamp = DeviceInfo::current(tch::Device::Cpu).stamp();
+    let device = cfg.run.device()?;
+    let stamp = DeviceInfo::current(device).stamp();
 
     let world = SynthClinic::generate(&cfg.data.synthclinic)?;
     let data_dir = dir.join("data");
@@ -165,6 +168,7 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
                 dir: &stage_dir,
                 models: &models,
                 stop,
+                device,
             };
             let result = match stage {
                 Stage::Baselines(_) => StageResult {
@@ -372,7 +376,7 @@ fn run_baselines(ctx: &mut StageCtx) -> Result<Vec<Row>> {
 /// The base student: an HF model folder, or a fresh decoder over SynthClinic's
 /// word-level vocabulary (every word of the world's texts).
 pub fn base_student(cfg: &Config, world: &SynthClinic) -> Result<Policy> {
-    let device = tch::Device::Cpu;
+    let device = cfg.run.device()?;
     if !cfg.student.from.is_empty() {
         return Ok(Policy::load(
             Path::new(&cfg.student.from),
@@ -526,10 +530,7 @@ pub(crate) fn train_stage(
         (base_student(ctx.cfg, ctx.world)?, 0)
     } else {
         let m = ctx.model(&stage.init)?;
-        (
-            Policy::load(&m.dir, tch::Device::Cpu, None)?,
-            m.training_tokens,
-        )
+        (Policy::load(&m.dir, ctx.device, None)?, m.training_tokens)
     };
     let data_path = ctx.dir.join("data.jsonl");
     if !data_path.exists() {
@@ -571,7 +572,10 @@ fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
     let prm = if stage.prm.is_empty() {
         None
     } else {
-        Some(crate::meds3::Prm::load(&ctx.model(&stage.prm)?.dir)?)
+        Some(crate::meds3::Prm::load(
+            &ctx.model(&stage.prm)?.dir,
+            ctx.device,
+        )?)
     };
     let oracle = ctx.world.oracle(ctx.cfg.teacher.oracle.clone());
     let labeller = |p: &Problem, steps: &[String]| {
@@ -588,7 +592,7 @@ fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
     };
     for name in &stage.models {
         let m = ctx.model(name)?;
-        let policy = Policy::load(&m.dir, tch::Device::Cpu, None)?;
+        let policy = Policy::load(&m.dir, ctx.device, None)?;
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.cfg.run.seed);
         let t = Instant::now();
         let r = eval::evaluate(

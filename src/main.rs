@@ -77,6 +77,9 @@ struct GenerateArgs {
     /// Print the token ids and their log-probs as JSON.
     #[arg(long)]
     json: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -111,6 +114,9 @@ struct EvalArgs {
     seed: u64,
     #[arg(long)]
     json: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -249,7 +255,7 @@ fn template(name: &str) -> Result<PromptTemplate> {
 }
 
 fn generate(a: &GenerateArgs) -> Result<()> {
-    let policy = Policy::load(&a.model, tch::Device::Cpu, None)?;
+    let policy = Policy::load(&a.model, device_arg(&a.device)?, None)?;
     let text = match &a.template {
         Some(t) => template(t)?.render(&a.prompt),
         None => a.prompt.clone(),
@@ -286,7 +292,8 @@ fn generate(a: &GenerateArgs) -> Result<()> {
 
 fn eval(a: &EvalArgs) -> Result<()> {
     let dir = medzero::experiment::resolve_model(&a.model)?;
-    let policy = Policy::load(&dir, tch::Device::Cpu, None)?;
+    let device = device_arg(&a.device)?;
+    let policy = Policy::load(&dir, device, None)?;
     let problems = loaders::load_problems(&a.data)?;
     let cfg = EvalConfig {
         samples: a.n,
@@ -299,7 +306,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
     let prm = a
         .prm
         .as_deref()
-        .map(medzero::meds3::Prm::load)
+        .map(|d| medzero::meds3::Prm::load(d, device))
         .transpose()?;
     let judge = match &a.judge {
         Some(path) => {
@@ -431,4 +438,13 @@ fn fmt_counts(m: &std::collections::BTreeMap<String, usize>) -> String {
         String::new()
     };
     shown.join(", ") + &more
+}
+
+/// `--device` through the same rules as `run.device`.
+fn device_arg(device: &str) -> Result<tch::Device> {
+    medzero::config::RunConfig {
+        device: device.to_string(),
+        ..Default::default()
+    }
+    .device()
 }

@@ -390,7 +390,7 @@ pub struct SearchStage {
 pub fn run_search(ctx: &mut StageCtx, name: &str, stage: &SearchStage) -> Result<StageResult> {
     stage.mcts.validate()?;
     let init = ctx.model(&stage.init)?;
-    let device = tch::Device::Cpu;
+    let device = ctx.device;
     let policy = Policy::load(&init.dir, device, None)?;
     let train = &ctx.world.train;
     let start = stage.offset.min(train.len());
@@ -657,7 +657,7 @@ fn prm_examples(ctx: &StageCtx, stage: &PrmStage, policy: &Policy) -> Result<Vec
 
 pub fn run_prm(ctx: &mut StageCtx, name: &str, stage: &PrmStage) -> Result<StageResult> {
     let init = ctx.model(&stage.init)?;
-    let policy = Policy::load(&init.dir, tch::Device::Cpu, None)?;
+    let policy = Policy::load(&init.dir, ctx.device, None)?;
     tch::manual_seed(ctx.cfg.run.seed as i64);
     let head = policy.add_value_head();
     let data = prm_examples(ctx, stage, &policy)?;
@@ -750,8 +750,8 @@ pub struct Prm {
 }
 
 impl Prm {
-    pub fn load(dir: &Path) -> Result<Prm> {
-        let (policy, head) = Policy::load_with_head(dir, tch::Device::Cpu, None)
+    pub fn load(dir: &Path, device: tch::Device) -> Result<Prm> {
+        let (policy, head) = Policy::load_with_head(dir, device, None)
             .with_context(|| format!("loading the PRM in {}", dir.display()))?;
         Ok(Prm { policy, head })
     }

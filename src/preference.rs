@@ -166,7 +166,7 @@ pub fn run(
     loss: Loss,
 ) -> Result<StageResult> {
     stage.validate(loss)?;
-    let device = tch::Device::Cpu;
+    let device = ctx.device;
     let init = ctx.model(&stage.init)?;
     let reference_dir = if stage.reference.is_empty() {
         init.dir.clone()
@@ -326,7 +326,7 @@ fn round_pairs(
             std::fs::create_dir_all(&samples)?;
             let seed = ctx.cfg.run.seed + round as u64;
             let stored = sample(ctx, stage, tag, &samples, current, problems, seed)?;
-            let policy = Policy::load(&current.dir, tch::Device::Cpu, None)?;
+            let policy = Policy::load(&current.dir, ctx.device, None)?;
             let template = ctx.cfg.student.template;
             let mut by_problem: BTreeMap<&str, Vec<&Trajectory>> = BTreeMap::new();
             for t in &stored {
@@ -423,7 +423,7 @@ pub(crate) fn attempts(
     runtime: &RuntimeConfig,
     seed: u64,
 ) -> Result<Vec<Trajectory>> {
-    let device = tch::Device::Cpu;
+    let device = ctx.device;
     let policy = Policy::load(model_dir, device, None)?;
     let model_dir = model_dir.to_path_buf();
     let build = move || Ok(Policy::load(&model_dir, device, None)?);

@@ -78,7 +78,7 @@ impl RejectionSamplingStage {
 
 pub fn run(ctx: &mut StageCtx, name: &str, stage: &RejectionSamplingStage) -> Result<StageResult> {
     let init = ctx.model(&stage.init)?;
-    let device = tch::Device::Cpu;
+    let device = ctx.device;
     let policy = Policy::load(&init.dir, device, None)?;
     let template = ctx.cfg.student.template;
     let train = &ctx.world.train;
