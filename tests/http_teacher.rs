@@ -958,30 +958,41 @@ fn a_malformed_teacher_reply_skips_its_question_and_a_dead_teacher_stops_the_sta
 fn a_teacher_killed_mid_stage_stops_it_and_the_rerun_asks_only_the_rest() {
     const K: usize = 10;
     let dir = tempfile::tempdir().unwrap();
-    // Answers K requests, then hangs up on everything, like a crashed server.
+    // Answers K requests, then hangs up on everything, like a crashed server,
+    // until it is brought back up. (It keeps its listening socket: binding
+    // the port again after a kill races with other tests' servers for it.)
+    let up = Arc::new(AtomicBool::new(false));
     let script = medthink_script("");
-    let mut first = Server::start(move |i, b| if i < K { script(i, b) } else { Act::hang_up() });
-    let config = medthink_config(dir.path(), &first.url());
+    let server = {
+        let up = up.clone();
+        Server::start(move |i, b| {
+            if i < K || up.load(Ordering::SeqCst) {
+                script(i, b)
+            } else {
+                Act::hang_up()
+            }
+        })
+    };
+    let config = medthink_config(dir.path(), &server.url());
     let out = run_medzero(&config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains(&first.addr.to_string()), "{err}");
+    assert!(err.contains(&server.addr.to_string()), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let stage = dir.path().join("runs/mt/stages/0-medthink-1");
     assert!(!stage.join("sharegpt.jsonl").exists());
-    let answered = first.requests().min(K);
-    first.kill();
 
-    // Back on the same address: the rerun completes, asking only what the
-    // first run did not get answered.
-    let second = Server::start_on(first.addr, Arc::new(medthink_script("")));
+    // Back up: the rerun completes, asking only what the first run did not
+    // get answered.
+    let before = server.requests();
+    up.store(true, Ordering::SeqCst);
     let out = run_medzero(&config);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(second.requests(), 24 - answered);
+    assert_eq!(server.requests() - before, 24 - K);
     assert_eq!(
         std::fs::read_to_string(stage.join("sharegpt.jsonl"))
             .unwrap()
