@@ -112,24 +112,30 @@ impl EncodedPair {
     /// sequence fits `max_len` (an empty completion is an error).
     pub fn encode(policy: &Policy, pair: &Pair, end: i64, max_len: usize) -> Result<EncodedPair> {
         let prompt = policy.tokenizer.encode(&pair.prompt)?;
-        let completion = |text: &str| -> Result<Vec<i64>> {
-            let mut c = policy.tokenizer.encode(text)?;
-            c.push(end);
-            c.truncate(max_len.saturating_sub(prompt.len()));
-            if c.is_empty() {
-                bail!(
-                    "the prompt alone ({} tokens) fills max_len {max_len}",
-                    prompt.len()
-                );
-            }
-            Ok(c)
-        };
         Ok(EncodedPair {
-            chosen: completion(&pair.chosen)?,
-            rejected: completion(&pair.rejected)?,
+            chosen: encode_completion(policy, prompt.len(), &pair.chosen, end, max_len)?,
+            rejected: encode_completion(policy, prompt.len(), &pair.rejected, end, max_len)?,
             prompt,
         })
     }
+}
+
+/// `text`'s tokens and `end`, cut so that they fit after a `prompt_len`-token
+/// prompt within `max_len`; an error when the prompt leaves no room.
+pub(crate) fn encode_completion(
+    policy: &Policy,
+    prompt_len: usize,
+    text: &str,
+    end: i64,
+    max_len: usize,
+) -> Result<Vec<i64>> {
+    let mut c = policy.tokenizer.encode(text)?;
+    c.push(end);
+    c.truncate(max_len.saturating_sub(prompt_len));
+    if c.is_empty() {
+        bail!("the prompt alone ({prompt_len} tokens) fills max_len {max_len}");
+    }
+    Ok(c)
 }
 
 /// Prompt + completion rows and their completion masks, right-padded.

@@ -454,7 +454,20 @@ pub fn teacher(cfg: &Config, world: &SynthClinic) -> Result<Box<dyn crate::teach
         TeacherKind::Local => Box::new(crate::teacher::LocalTeacher::load(
             &cfg.teacher.local,
             cfg.student.template,
+            cfg.run.device()?,
         )?),
+    })
+}
+
+/// The run's teacher when `eval.judge` asks for a judge.
+pub(crate) fn eval_judge(
+    ctx: &StageCtx,
+    eval: &eval::EvalConfig,
+) -> Result<Option<Box<dyn crate::teacher::Teacher>>> {
+    Ok(if eval.judge {
+        Some(teacher(ctx.cfg, ctx.world)?)
+    } else {
+        None
     })
 }
 
@@ -585,11 +598,7 @@ fn run_eval(ctx: &mut StageCtx, stage: &EvalStage) -> Result<Vec<Row>> {
             .collect();
         oracle.label_steps(p, &steps).ok()
     };
-    let judge = if stage.eval.judge {
-        Some(teacher(ctx.cfg, ctx.world)?)
-    } else {
-        None
-    };
+    let judge = eval_judge(ctx, &stage.eval)?;
     for name in &stage.models {
         let m = ctx.model(name)?;
         let policy = Policy::load(&m.dir, ctx.device, None)?;

@@ -886,12 +886,12 @@ impl CacheKey {
     }
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// The low half of FNV-1a 128's offset basis: a second, independent start.
 const FNV_OFFSET_2: u64 = 0x6295_c58d_62b8_2175;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
-fn fnv1a64(offset: u64, bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(offset: u64, bytes: &[u8]) -> u64 {
     bytes
         .iter()
         .fold(offset, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))

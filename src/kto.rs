@@ -5,7 +5,7 @@
 
 use crate::dpo::row_logprobs;
 use crate::trainer::{BatchLoss, MicroLoss};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use medzero_policies::Policy;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -74,15 +74,9 @@ pub fn encode(
     let mut out: Vec<EncodedKto> = Vec::with_capacity(examples.len());
     for e in examples {
         let prompt = policy.tokenizer.encode(&e.prompt)?;
-        let mut completion = policy.tokenizer.encode(&e.completion)?;
-        completion.push(end);
-        completion.truncate(max_len.saturating_sub(prompt.len()));
-        if completion.is_empty() {
-            bail!(
-                "kto: a prompt alone ({} tokens) fills max_len {max_len}",
-                prompt.len()
-            );
-        }
+        let completion =
+            crate::dpo::encode_completion(policy, prompt.len(), &e.completion, end, max_len)
+                .context("kto")?;
         out.push(EncodedKto {
             prompt,
             completion,

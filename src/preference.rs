@@ -179,11 +179,7 @@ pub fn run(
     } else {
         &train[..]
     };
-    let judge = if stage.eval.judge {
-        Some(crate::experiment::teacher(ctx.cfg, ctx.world)?)
-    } else {
-        None
-    };
+    let judge = crate::experiment::eval_judge(ctx, &stage.eval)?;
     let mut current = init.clone();
     let mut rows = Vec::new();
     for round in 1..=stage.rounds {

@@ -6,7 +6,7 @@
 //! limit). A reply a teacher cannot parse is an error for that item, which
 //! stages count and skip, never a crash.
 
-use crate::http_teacher::{HttpTeacher, Message};
+use crate::http_teacher::{FNV_OFFSET, HttpTeacher, Message, fnv1a64};
 use anyhow::{Context, Result};
 use medzero_envs::synthclinic::Oracle;
 use medzero_envs::{Problem, Step, parse_chain, verify};
@@ -254,10 +254,14 @@ pub struct LocalTeacher {
 }
 
 impl LocalTeacher {
-    pub fn load(cfg: &LocalTeacherConfig, student_template: PromptTemplate) -> Result<Self> {
+    pub fn load(
+        cfg: &LocalTeacherConfig,
+        student_template: PromptTemplate,
+        device: tch::Device,
+    ) -> Result<Self> {
         cfg.validate().context("teacher.local")?;
         let dir = crate::experiment::resolve_model(&cfg.model).context("teacher.local.model")?;
-        let policy = Policy::load(&dir, tch::Device::Cpu, None)
+        let policy = Policy::load(&dir, device, None)
             .with_context(|| format!("loading the teacher model {}", dir.display()))?;
         Ok(LocalTeacher {
             policy: Mutex::new(policy),
@@ -270,12 +274,8 @@ impl LocalTeacher {
 
     fn rng(&self, kind: &str, p: &Problem) -> ChaCha8Rng {
         // FNV-1a: stable across runs and platforms, unlike the std hasher.
-        let mut h: u64 = 0xcbf29ce484222325 ^ self.cfg.seed;
-        for b in kind.bytes().chain([0]).chain(p.id.bytes()) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-        ChaCha8Rng::seed_from_u64(h)
+        let key = [kind.as_bytes(), &[0], p.id.as_bytes()].concat();
+        ChaCha8Rng::seed_from_u64(fnv1a64(FNV_OFFSET ^ self.cfg.seed, &key))
     }
 
     fn generate(&self, p: &Problem, n: usize, temperature: f64) -> Result<Vec<String>> {

@@ -68,7 +68,7 @@ fn local(model: &Path, agreement: f64) -> LocalTeacher {
         screen_agreement: agreement,
         ..Default::default()
     };
-    LocalTeacher::load(&cfg, PromptTemplate::Plain).unwrap()
+    LocalTeacher::load(&cfg, PromptTemplate::Plain, tch::Device::Cpu).unwrap()
 }
 
 #[test]
