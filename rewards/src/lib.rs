@@ -20,7 +20,10 @@ impl<R: Reward + ?Sized> Reward for Box<R> {
     }
 }
 
-/// 1 when the last step's answer verifies strictly against the gold, else 0.
+/// 1 when the chain's final answer verifies strictly against the gold, else
+/// 0. The final answer is read from the whole chain, as evaluation and the
+/// judge read a reply, so a chain is right for RFT exactly when it is right
+/// in the results table.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RuleVerifier;
 
@@ -29,9 +32,11 @@ impl Reward for RuleVerifier {
         "rule"
     }
     fn score(&self, problem: &Problem, steps: &[Step]) -> f32 {
-        match steps.last() {
-            Some(s) if verify::verify(problem, &s.text).correct => 1.0,
-            _ => 0.0,
+        let text = medzero_envs::render_chain(steps);
+        if verify::verify(problem, &text).correct {
+            1.0
+        } else {
+            0.0
         }
     }
 }
