@@ -314,7 +314,7 @@ fn mcts_rows(policy: &Policy, world: &SynthClinic) -> Result<Vec<BenchRow>> {
     use crate::meds3::{PolicySteps, StepGeneration};
     use medzero_policies::tokenizer::PromptTemplate;
     let problem = &world.test[0];
-    let run = |max_nodes: usize, reuse: bool| -> Result<(f64, f64, usize)> {
+    let run = |max_nodes: usize, reuse: bool| -> Result<(f64, f64, mcts::Tree)> {
         let generation = StepGeneration {
             step_max_tokens: 24,
             rollout_max_tokens: 64,
@@ -339,14 +339,17 @@ fn mcts_rows(policy: &Policy, world: &SynthClinic) -> Result<Vec<BenchRow>> {
         Ok((
             tree.nodes.len() as f64 / secs,
             model.generated as f64 / secs,
-            tree.nodes.len(),
+            tree,
         ))
     };
     let mut rows = Vec::new();
     for max_nodes in [20, 60, 200] {
-        let (nodes_per_s, tokens_per_s, nodes) = run(max_nodes, true)?;
+        let (nodes_per_s, tokens_per_s, tree) = run(max_nodes, true)?;
         rows.push(BenchRow {
-            name: format!("MCTS max_nodes {max_nodes} ({nodes} nodes), prefix reuse"),
+            name: format!(
+                "MCTS max_nodes {max_nodes} ({} nodes), prefix reuse",
+                tree.nodes.len()
+            ),
             unit: "nodes/s".into(),
             medzero: nodes_per_s,
             peer: None,
@@ -360,10 +363,19 @@ fn mcts_rows(policy: &Policy, world: &SynthClinic) -> Result<Vec<BenchRow>> {
             ratio: None,
         });
         if max_nodes == 60 {
-            let (off, off_tokens, off_nodes) = run(max_nodes, false)?;
+            let (off, off_tokens, off_tree) = run(max_nodes, false)?;
+            // Reuse is a pure speed switch: the same seed must give the same tree.
+            let same = tree.nodes.len() == off_tree.nodes.len()
+                && tree
+                    .nodes
+                    .iter()
+                    .zip(&off_tree.nodes)
+                    .all(|(a, b)| a.text == b.text && a.parent == b.parent);
             rows.push(BenchRow {
                 name: format!(
-                    "MCTS max_nodes 60, prefix reuse on (peer: off, recomputed; {off_nodes} nodes)"
+                    "MCTS max_nodes 60, prefix reuse on (peer: off, recomputed; {} nodes; same tree: {})",
+                    off_tree.nodes.len(),
+                    if same { "yes" } else { "NO" }
                 ),
                 unit: "nodes/s".into(),
                 medzero: nodes_per_s,

@@ -88,12 +88,19 @@ impl DpoConfig {
     }
 }
 
-/// A preference pair as text, the JSONL record of a pair file.
+/// A preference pair as text, the JSONL record of a pair file. A side the
+/// student sampled also carries the token ids it sampled (`chosen_ids`,
+/// `rejected_ids`, end of turn excluded): the learner trains on those, not
+/// on a re-tokenisation of the text, which need not give them back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_ids: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_ids: Option<Vec<i64>>,
     /// Where the pair came from (problem, builder, who wrote the chosen side).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub meta: serde_json::Value,
@@ -113,23 +120,53 @@ impl EncodedPair {
     pub fn encode(policy: &Policy, pair: &Pair, end: i64, max_len: usize) -> Result<EncodedPair> {
         let prompt = policy.tokenizer.encode(&pair.prompt)?;
         Ok(EncodedPair {
-            chosen: encode_completion(policy, prompt.len(), &pair.chosen, end, max_len)?,
-            rejected: encode_completion(policy, prompt.len(), &pair.rejected, end, max_len)?,
+            chosen: encode_completion(
+                policy,
+                prompt.len(),
+                &pair.chosen,
+                pair.chosen_ids.as_deref(),
+                end,
+                max_len,
+            )?,
+            rejected: encode_completion(
+                policy,
+                prompt.len(),
+                &pair.rejected,
+                pair.rejected_ids.as_deref(),
+                end,
+                max_len,
+            )?,
             prompt,
         })
     }
 }
 
-/// `text`'s tokens and `end`, cut so that they fit after a `prompt_len`-token
-/// prompt within `max_len`; an error when the prompt leaves no room.
+/// A completion's tokens and `end`, cut so that they fit after a
+/// `prompt_len`-token prompt within `max_len`; an error when the prompt
+/// leaves no room. The tokens are `ids` when the completion was sampled
+/// (they must decode to `text`: a record whose text was edited is refused,
+/// not trained on ids that say something else), else `text` tokenised.
 pub(crate) fn encode_completion(
     policy: &Policy,
     prompt_len: usize,
     text: &str,
+    ids: Option<&[i64]>,
     end: i64,
     max_len: usize,
 ) -> Result<Vec<i64>> {
-    let mut c = policy.tokenizer.encode(text)?;
+    let mut c = match ids {
+        Some(ids) => {
+            let decoded = policy.tokenizer.decode(ids)?;
+            if decoded != text {
+                bail!(
+                    "a completion's token ids decode to {decoded:?}, not to its text {text:?}; \
+                     drop the ids to train on the text"
+                );
+            }
+            ids.to_vec()
+        }
+        None => policy.tokenizer.encode(text)?,
+    };
     c.push(end);
     c.truncate(max_len.saturating_sub(prompt_len));
     if c.is_empty() {

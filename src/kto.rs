@@ -46,6 +46,9 @@ impl KtoConfig {
 pub struct KtoExample {
     pub prompt: String,
     pub completion: String,
+    /// The token ids sampled, when the student wrote it (see `Pair`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_ids: Option<Vec<i64>>,
     pub desirable: bool,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub meta: serde_json::Value,
@@ -74,9 +77,15 @@ pub fn encode(
     let mut out: Vec<EncodedKto> = Vec::with_capacity(examples.len());
     for e in examples {
         let prompt = policy.tokenizer.encode(&e.prompt)?;
-        let completion =
-            crate::dpo::encode_completion(policy, prompt.len(), &e.completion, end, max_len)
-                .context("kto")?;
+        let completion = crate::dpo::encode_completion(
+            policy,
+            prompt.len(),
+            &e.completion,
+            e.completion_ids.as_deref(),
+            end,
+            max_len,
+        )
+        .context("kto")?;
         out.push(EncodedKto {
             prompt,
             completion,

@@ -30,9 +30,8 @@ pub enum Corrector {
     Teacher,
 }
 
-/// Samples N attempts and writes a correction for each wrong one into its
-/// trajectory's `meta` (`correction`, `corrected_by`); every attempt's text is
-/// in `meta.text`.
+/// Samples N attempts and writes a [`Correction`] of each wrong one into its
+/// trajectory's `meta`.
 pub struct SelfCorrection {
     pub sampling: SamplingConfig,
     pub template: PromptTemplate,
@@ -52,7 +51,9 @@ impl SelfCorrection {
         }
     }
 
-    /// A correction of the wrong attempt `text`, if the corrector finds one.
+    /// A correction of the wrong attempt `text`, if the corrector finds one:
+    /// its text, and the ids the student sampled (the sound prefix as the
+    /// model read it, then its continuation) when it wrote it.
     fn correct(
         &self,
         policy: &Policy,
@@ -60,12 +61,12 @@ impl SelfCorrection {
         prompt: &[i64],
         text: &str,
         rng: &mut ChaCha8Rng,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<(String, Option<Vec<i64>>)>> {
         let steps: Vec<Step> = response_steps(text).into_iter().map(Step::new).collect();
         match self.corrector {
             Corrector::Teacher => {
                 let fixed = self.oracle.correct(problem, &steps)?;
-                Ok(Some(Self::chain_text(&fixed)))
+                Ok(Some((Self::chain_text(&fixed), None)))
             }
             Corrector::Student => {
                 let labels = self.oracle.label_steps(problem, &steps)?;
@@ -102,7 +103,7 @@ impl SelfCorrection {
                             .iter()
                             .all(|&ok| ok)
                     {
-                        return Ok(Some(full));
+                        return Ok(Some((full, Some(ids))));
                     }
                 }
                 Ok(None)
@@ -134,21 +135,41 @@ impl Rollout for SelfCorrection {
             .encode(&self.template.render(&problem.prompt_text()))?;
         for t in &mut rolled.trajectories {
             let text = attempt_text(policy, t)?;
-            let correction = if t.reward < 1.0 {
+            let (correction, correction_ids) = if t.reward < 1.0 {
                 self.correct(policy, problem, &prompt, &text, rng)?
+                    .map_or((None, None), |(c, ids)| (Some(c), ids))
             } else {
-                None
+                (None, None)
             };
-            t.meta = serde_json::json!({
-                "text": text,
-                "correction": correction,
-                "corrected_by": match self.corrector {
-                    Corrector::Student => "self",
-                    Corrector::Teacher => "teacher",
-                },
-            });
+            t.meta = serde_json::to_value(Correction {
+                text,
+                correction,
+                correction_ids,
+                corrected_by: self.corrector,
+            })?;
         }
         Ok(rolled)
+    }
+}
+
+/// What a self-correction rollout records with each attempt (its `meta`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Correction {
+    /// The attempt as text (its ids are the trajectory's `tokens`).
+    pub text: String,
+    /// The corrected chain, for a wrong attempt the corrector could fix.
+    pub correction: Option<String>,
+    /// The ids the student sampled for it (none for a teacher's text).
+    #[serde(default)]
+    pub correction_ids: Option<Vec<i64>>,
+    pub corrected_by: Corrector,
+}
+
+impl Correction {
+    pub fn of(t: &Trajectory) -> Result<Correction> {
+        serde_json::from_value(t.meta.clone()).map_err(|e| {
+            anyhow::anyhow!("trajectory {} holds no self-correction record: {e}", t.id)
+        })
     }
 }
 
@@ -162,17 +183,31 @@ impl SelfCorrection {
     }
 }
 
-/// The text of a sampled attempt: its tokens decoded without the end of turn.
-pub fn attempt_text(policy: &Policy, t: &Trajectory) -> Result<String> {
+/// The ids of a sampled attempt without its end of turn (and any EOS or
+/// padding), or `None` for a trajectory that holds text only.
+pub fn attempt_ids(policy: &Policy, t: &Trajectory) -> Option<Vec<i64>> {
     if t.tokens.is_empty() {
-        return Ok(render_chain(&t.steps));
+        return None;
     }
-    let specials = [policy.tokenizer.eos_id(), policy.tokenizer.pad_id()];
-    let ids: Vec<i64> = t
-        .tokens
-        .iter()
-        .copied()
-        .filter(|id| !specials.contains(id))
-        .collect();
-    Ok(policy.tokenizer.decode(&ids)?)
+    let tok = &policy.tokenizer;
+    let specials = [
+        tok.eos_id(),
+        tok.pad_id(),
+        tok.token_id("<|im_end|>").unwrap_or(-1),
+    ];
+    Some(
+        t.tokens
+            .iter()
+            .copied()
+            .filter(|id| !specials.contains(id))
+            .collect(),
+    )
+}
+
+/// The text of a sampled attempt: its ids ([`attempt_ids`]) decoded.
+pub fn attempt_text(policy: &Policy, t: &Trajectory) -> Result<String> {
+    match attempt_ids(policy, t) {
+        Some(ids) => Ok(policy.tokenizer.decode(&ids)?),
+        None => Ok(render_chain(&t.steps)),
+    }
 }

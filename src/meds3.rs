@@ -19,12 +19,13 @@ use crate::runtime::learner::{
 use crate::sft::SftConfig;
 use anyhow::{Context, Result, bail};
 use medzero_envs::{Problem, Provenance, Step, Trajectory, atomic};
-use medzero_policies::kv_cache::KvCache;
+use medzero_policies::generate::streams;
 use medzero_policies::prm::ValueHead;
 use medzero_policies::tokenizer::PromptTemplate;
-use medzero_policies::{Policy, SamplingParams};
+use medzero_policies::{Policy, Rows, SamplingParams, SyncReport};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
@@ -69,17 +70,21 @@ impl Default for StepGeneration {
 /// Where one step ends and the next begins ("\n\nStep k:" without its number).
 const STEP_BREAK: &str = "\n\nStep";
 
-/// Rows of KV cache that continue some nodes' texts, with the logits of each
-/// row's next token and its next position.
-struct Rows {
-    cache: KvCache,
-    logits: Tensor,
-    pos: Tensor,
+/// The rows continuing the children of one expanded node, in child order.
+/// A child's row is brought to exactly its text (`sync`) the first time the
+/// search continues it, once the tree has its text.
+struct Children {
+    rows: Rows,
+    synced: Vec<bool>,
 }
 
+type Shared = Rc<RefCell<Children>>;
+
 /// [`StepModel`] on a policy. With prefix reuse, the children of a node are
-/// the rows of one batch whose cache holds their whole text (the stop marker
-/// included), so expanding or rolling out a child never recomputes a prefix.
+/// the rows of one batch that continue from its cached row, so expanding or
+/// rolling out a child never recomputes its prefix; before a row is
+/// continued it is synced to the token ids of `prompt + render_prefix(child)`,
+/// so the model always continues from exactly the text the tree holds.
 pub struct PolicySteps<'a> {
     policy: &'a Policy,
     generation: &'a StepGeneration,
@@ -87,11 +92,14 @@ pub struct PolicySteps<'a> {
     /// The question as the student's template renders it.
     prompt: String,
     end_of_turn: i64,
-    root: Option<Rc<Rows>>,
-    /// The rows holding each expanded node's children, in child order.
-    children: HashMap<NodeId, Rc<Rows>>,
+    root: Option<Shared>,
+    /// The rows holding each expanded node's children.
+    children: HashMap<NodeId, Shared>,
     /// Tokens generated so far.
     pub generated: u64,
+    /// Rows whose sampled ids were not the ids of their own text (so they
+    /// were cut back and re-run), and the tokens re-run.
+    pub resynced: SyncReport,
 }
 
 impl<'a> PolicySteps<'a> {
@@ -111,36 +119,27 @@ impl<'a> PolicySteps<'a> {
             root: None,
             children: HashMap::new(),
             generated: 0,
+            resynced: SyncReport::default(),
         }
     }
 
-    /// How many more tokens the rows `rows` of `base` can take within the
-    /// model's context (positions, not cache columns, are what is bounded):
-    /// `want`, or less near the end of the context.
-    fn room(&self, base: &Rows, rows: &[i64], want: usize, node: NodeId) -> Result<usize> {
-        let context = self.policy.config().max_position_embeddings;
-        let idx = Tensor::from_slice(rows);
-        let furthest = base.pos.index_select(0, &idx).max().int64_value(&[]);
-        let left = (context - furthest).max(0) as usize;
-        if left < 2 {
-            bail!(
-                "node {node}: the reasoning so far fills the model's context of {context} tokens; \
-                 lower mcts.max_depth or the generation budgets"
-            );
-        }
-        Ok(want.min(left))
+    /// The token ids of the whole text before `node`'s next step.
+    fn target(&self, tree: &Tree, node: NodeId) -> Result<Vec<i64>> {
+        let text = format!("{}{}", self.prompt, tree.render_prefix(node));
+        Ok(self.policy.tokenizer.encode(&text)?)
     }
 
     /// A fresh prefill of the whole text before `node`'s next step.
-    fn prefill(&self, tree: &Tree, node: NodeId) -> Result<Rc<Rows>> {
-        let text = format!("{}{}", self.prompt, tree.render_prefix(node));
-        let ids = self.policy.tokenizer.encode(&text)?;
-        let (cache, logits, pos) = self.policy.prefill(&[ids], 0)?;
-        Ok(Rc::new(Rows { cache, logits, pos }))
+    fn prefill(&self, tree: &Tree, node: NodeId) -> Result<Shared> {
+        let rows = self.policy.prefill(&[self.target(tree, node)?], 0)?;
+        Ok(Rc::new(RefCell::new(Children {
+            rows,
+            synced: vec![true],
+        })))
     }
 
-    /// The rows continuing `node`, and which row.
-    fn state(&mut self, tree: &Tree, node: NodeId) -> Result<(Rc<Rows>, i64)> {
+    /// The rows continuing `node`, and which row, synced to `node`'s text.
+    fn state(&mut self, tree: &Tree, node: NodeId) -> Result<(Shared, usize)> {
         if !self.generation.prefix_reuse {
             return Ok((self.prefill(tree, node)?, 0));
         }
@@ -150,17 +149,65 @@ impl<'a> PolicySteps<'a> {
             }
             return Ok((self.root.clone().expect("set above"), 0));
         };
-        let rows = self
+        let shared = self
             .children
             .get(&parent)
-            .with_context(|| format!("node {node}: its parent {parent} was never expanded"))?;
-        let row = tree.nodes[parent]
-            .children
+            .with_context(|| format!("node {node}: its parent {parent} was never expanded"))?
+            .clone();
+        let siblings = &tree.nodes[parent].children;
+        let row = siblings
             .iter()
             .position(|&c| c == node)
             .expect("a node is among its parent's children");
-        Ok((rows.clone(), row as i64))
+        let mut children = shared.borrow_mut();
+        if !children.synced[row] {
+            // Every open sibling at once: the search continues them next.
+            let mut targets = vec![None; siblings.len()];
+            for (i, &c) in siblings.iter().enumerate() {
+                if !children.synced[i] && (c == node || !tree.nodes[c].finished) {
+                    targets[i] = Some(self.target(tree, c)?);
+                    children.synced[i] = true;
+                }
+            }
+            let report = self.policy.sync(&mut children.rows, &targets)?;
+            self.resynced.rewound += report.rewound;
+            self.resynced.fed += report.fed;
+        }
+        drop(children);
+        Ok((shared, row))
     }
+
+    /// The cached row the search continues `node` from: its token ids and
+    /// next-token logits [V].
+    pub fn cached_row(&mut self, tree: &Tree, node: NodeId) -> Result<CachedRow> {
+        let (shared, row) = self.state(tree, node)?;
+        let children = shared.borrow();
+        Ok(CachedRow {
+            ids: children.rows.ids(row).to_vec(),
+            position: children.rows.position(row),
+            logits: children.rows.logits(row),
+        })
+    }
+
+    fn check_room(&self, rows: &Rows, row: usize, node: NodeId) -> Result<()> {
+        let context = self.policy.config().max_position_embeddings;
+        if context - rows.position(row) < 2 {
+            bail!(
+                "node {node}: the reasoning so far fills the model's context of {context} tokens; \
+                 lower mcts.max_depth or the generation budgets"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a node's cached row holds.
+pub struct CachedRow {
+    pub ids: Vec<i64>,
+    /// Where the next token goes.
+    pub position: i64,
+    /// Next-token logits [V].
+    pub logits: Tensor,
 }
 
 impl StepModel for PolicySteps<'_> {
@@ -176,22 +223,13 @@ impl StepModel for PolicySteps<'_> {
             Expand::Reflect => (1, "But wait,", self.generation.step_max_tokens, true),
         };
         let forced_ids = self.policy.tokenizer.encode(forced)?;
-        let marker = self
-            .policy
-            .tokenizer
-            .encode(&format!("Step {}:", tree.nodes[node].depth + 2))?;
-        let rows = vec![row; k];
-        let budget = self
-            .room(&base, &rows, forced_ids.len() + budget + marker.len(), node)?
-            .saturating_sub(forced_ids.len() + marker.len())
-            .max(1);
-        let room = (forced_ids.len() + budget + marker.len()) as i64;
-        let idx = Tensor::from_slice(&rows);
-        let mut cache = base.cache.select_with_room(&rows, room);
-        let mut logits = base.logits.index_select(0, &idx);
-        let mut pos = base.pos.index_select(0, &idx);
+        let mut rows = {
+            let base = base.borrow();
+            self.check_room(&base.rows, row, node)?;
+            base.rows.select(&vec![row; k], forced_ids.len() + budget)
+        };
         if !forced_ids.is_empty() {
-            (logits, pos) = self.policy.extend(&mut cache, &vec![forced_ids; k], &pos);
+            self.policy.extend(&mut rows, &vec![forced_ids; k])?;
         }
         // A step ends where the model starts any next step: models skip or
         // repeat numbers, so the number is not part of the stop string.
@@ -207,25 +245,17 @@ impl StepModel for PolicySteps<'_> {
             stop_token_ids: vec![self.end_of_turn],
             ..SamplingParams::default()
         };
-        let outs = self
-            .policy
-            .decode(&mut cache, logits, pos.shallow_clone(), &params, self.rng);
+        let mut streams = streams(self.rng, k);
+        let outs = self.policy.decode(&mut rows, &params, &mut streams);
         self.generated += outs.iter().map(|g| g.tokens.len() as u64).sum::<u64>();
         if self.generation.prefix_reuse {
-            // Each row's last sampled token is not in the cache yet. In its
-            // place every row gets the canonical marker of the next step,
-            // "Step {d+2}:", so the rows hold exactly the text
-            // `render_prefix` gives the children. (A row that ran out of
-            // budget loses its last token from the cache, not from its text;
-            // one that ended its turn is a finished leaf, never continued.)
-            let lens: Vec<i64> = outs
-                .iter()
-                .map(|g| g.tokens.len().max(1) as i64 - 1)
-                .collect();
-            let at = &pos + Tensor::from_slice(&lens).to_device(pos.device());
-            let (logits, pos) = self.policy.extend(&mut cache, &vec![marker; k], &at);
-            self.children
-                .insert(node, Rc::new(Rows { cache, logits, pos }));
+            self.children.insert(
+                node,
+                Rc::new(RefCell::new(Children {
+                    rows,
+                    synced: vec![false; k],
+                })),
+            );
         }
         Ok(outs
             .into_iter()
@@ -250,58 +280,108 @@ impl StepModel for PolicySteps<'_> {
             stop_token_ids: vec![self.end_of_turn],
             ..SamplingParams::default()
         };
+        // Each request's random streams, drawn in request order, so a
+        // completion does not depend on which requests share its batch.
+        let mut streams: Vec<Vec<ChaCha8Rng>> = requests
+            .iter()
+            .map(|&(_, n)| streams(self.rng, n))
+            .collect();
         // Requests continuing rows of one batch (the children of one node)
         // run as one batch; others run one after the other.
         let mut out: Vec<Vec<String>> = vec![Vec::new(); requests.len()];
-        // (request index, row, samples) of the requests on each batch of rows.
-        type Members = Vec<(usize, i64, usize)>;
-        let mut groups: Vec<(Rc<Rows>, Members)> = Vec::new();
-        for (i, &(node, n)) in requests.iter().enumerate() {
+        let mut groups: Vec<(Shared, Vec<(usize, usize)>)> = Vec::new();
+        for (i, &(node, _)) in requests.iter().enumerate() {
             let (rows, row) = self.state(tree, node)?;
             match groups.iter_mut().find(|(r, _)| Rc::ptr_eq(r, &rows)) {
-                Some((_, members)) => members.push((i, row, n)),
-                None => groups.push((rows, vec![(i, row, n)])),
+                Some((_, members)) => members.push((i, row)),
+                None => groups.push((rows, vec![(i, row)])),
             }
         }
-        for (rows, members) in groups {
-            let picked: Vec<i64> = members
+        for (shared, members) in groups {
+            let picked: Vec<usize> = members
                 .iter()
-                .flat_map(|&(_, row, n)| std::iter::repeat_n(row, n))
+                .flat_map(|&(i, row)| std::iter::repeat_n(row, requests[i].1))
                 .collect();
             if picked.is_empty() {
                 continue;
             }
-            let idx = Tensor::from_slice(&picked);
-            let budget = self.room(
-                &rows,
-                &picked,
-                params.max_new_tokens,
-                requests[members[0].0].0,
-            )?;
-            let mut cache = rows.cache.select_with_room(&picked, budget as i64);
-            let outs = self.policy.decode(
-                &mut cache,
-                rows.logits.index_select(0, &idx),
-                rows.pos.index_select(0, &idx),
-                &SamplingParams {
-                    max_new_tokens: budget,
-                    ..params.clone()
-                },
-                self.rng,
-            );
+            let mut rows = {
+                let base = shared.borrow();
+                self.check_room(&base.rows, picked[0], requests[members[0].0].0)?;
+                base.rows.select(&picked, params.max_new_tokens)
+            };
+            let mut rngs: Vec<ChaCha8Rng> = members
+                .iter()
+                .flat_map(|&(i, _)| std::mem::take(&mut streams[i]))
+                .collect();
+            let outs = self.policy.decode(&mut rows, &params, &mut rngs);
             self.generated += outs.iter().map(|g| g.tokens.len() as u64).sum::<u64>();
             let mut texts = outs.into_iter().map(|g| g.text);
-            for &(i, _, n) in &members {
-                out[i] = texts.by_ref().take(n).collect();
+            for &(i, _) in &members {
+                out[i] = texts.by_ref().take(requests[i].1).collect();
             }
         }
         Ok(out)
     }
 }
 
+/// What a search trajectory carries besides its chain (its `meta`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchMeta {
+    /// The tree in MedS3's release format.
+    pub record: Meds3Record,
+    pub nodes: usize,
+    pub finished_leaves: usize,
+    /// Rows whose sampled ids were not their own text's ids, so the search
+    /// cut them back and re-ran them from the text (see `PolicySteps`).
+    pub resynced: usize,
+    /// "Step k:" markers inside a node's text that do not count on from
+    /// the node's own step number (e.g. "Step 2: ... Step 4: ...").
+    pub step_skips: usize,
+}
+
+impl SearchMeta {
+    pub fn of(t: &Trajectory) -> Result<SearchMeta> {
+        serde_json::from_value(t.meta.clone())
+            .with_context(|| format!("trajectory {} holds no search record", t.id))
+    }
+}
+
+/// Markers "Step k:" inside node texts (multi-step Finish nodes) whose
+/// number is not one more than the step before.
+pub fn step_skips(tree: &Tree) -> usize {
+    tree.nodes
+        .iter()
+        .skip(1)
+        .map(|n| {
+            let mut expect = n.depth + 1;
+            let mut skips = 0;
+            for k in step_numbers(&n.text) {
+                skips += (k != expect) as usize;
+                expect = k + 1;
+            }
+            skips
+        })
+        .sum()
+}
+
+/// The numbers of the "Step k:" markers in a text, in order.
+fn step_numbers(text: &str) -> Vec<usize> {
+    text.match_indices("Step ")
+        .filter_map(|(at, _)| {
+            let rest = &text[at + 5..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            rest[digits.len()..]
+                .starts_with(':')
+                .then(|| digits.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
 /// One search per problem, as an actor rollout: the trajectory holds the
-/// tree's MedS3 record (`meta`) and, as its chain, the best correct leaf (or
-/// the best leaf).
+/// tree's MedS3 record ([`SearchMeta`]) and, as its chain, the best correct
+/// leaf (or the best leaf).
 pub struct MctsRollout {
     pub mcts: MctsConfig,
     pub generation: StepGeneration,
@@ -345,7 +425,13 @@ impl Rollout for MctsRollout {
             },
             tokens: Vec::new(),
             logprobs: Vec::new(),
-            meta: serde_json::json!({ "record": record, "nodes": tree.nodes.len() }),
+            meta: serde_json::to_value(SearchMeta {
+                record,
+                nodes: tree.nodes.len(),
+                resynced: model.resynced.rewound,
+                step_skips: step_skips(&tree),
+                finished_leaves: tree.leaves().filter(|&l| tree.nodes[l].finished).count(),
+            })?,
         };
         Ok(Rolled {
             trajectories: vec![trajectory],
@@ -428,38 +514,89 @@ pub fn run_search(ctx: &mut StageCtx, name: &str, stage: &SearchStage) -> Result
     let by_problem: HashMap<&str, &Trajectory> =
         stored.iter().map(|t| (t.problem_id.as_str(), t)).collect();
     let mut lines = String::new();
-    let (mut with_pos, mut pos, mut neg, mut nodes) = (0, 0, 0, 0u64);
+    let mut health = SearchHealth::default();
     for p in problems {
         let Some(t) = by_problem.get(p.id.as_str()) else {
             continue; // failed in this run; a rerun tries it again
         };
-        let record: Meds3Record = serde_json::from_value(t.meta["record"].clone())
-            .with_context(|| format!("trajectory {} has no MedS3 record", t.id))?;
-        with_pos += !record.pos.is_empty() as usize;
-        pos += record.pos.len();
-        neg += record.neg.len();
-        nodes += t.meta["nodes"].as_u64().unwrap_or(0);
-        lines.push_str(&serde_json::to_string(&record)?);
+        let meta = SearchMeta::of(t)?;
+        health.add(&meta);
+        lines.push_str(&serde_json::to_string(&meta.record)?);
         lines.push('\n');
     }
     atomic::write(&ctx.dir.join(RECORDS_FILE), lines.as_bytes())?;
-    let n = problems.len().max(1) as f64;
+    health.wall_s = report.wall_s;
+    health.generated_tokens = report.counters.generated_tokens;
+    atomic::write(
+        &ctx.dir.join("search.json"),
+        serde_json::to_string_pretty(&health)?.as_bytes(),
+    )?;
+    let n = health.trees.max(1) as f64;
     ctx.metrics
-        .scalar(&format!("{name}/solved_frac"), 0, with_pos as f64 / n);
-    ctx.metrics
-        .scalar(&format!("{name}/nodes_per_tree"), 0, nodes as f64 / n);
-    eprintln!(
-        "{name}: {} trees, {with_pos} with a correct leaf, {pos} pos / {neg} neg chains, \
-         {:.1} nodes per tree, {} tokens generated, {:.1}s",
-        problems.len(),
-        nodes as f64 / n,
-        report.counters.generated_tokens,
-        report.wall_s
+        .scalar(&format!("{name}/solved_frac"), 0, health.solved as f64 / n);
+    ctx.metrics.scalar(
+        &format!("{name}/nodes_per_tree"),
+        0,
+        health.nodes as f64 / n,
     );
+    ctx.metrics.scalar(
+        &format!("{name}/leaf_accuracy"),
+        0,
+        health.pos as f64 / health.finished_leaves.max(1) as f64,
+    );
+    eprintln!("{name}: {}", health.summary());
     Ok(StageResult {
         rows: Vec::new(),
         model: None,
     })
+}
+
+/// A search stage's totals, left in its folder as `search.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SearchHealth {
+    pub trees: usize,
+    /// Trees with at least one correct leaf.
+    pub solved: usize,
+    pub pos: usize,
+    pub neg: usize,
+    pub nodes: usize,
+    pub finished_leaves: usize,
+    pub resynced: usize,
+    pub step_skips: usize,
+    pub generated_tokens: u64,
+    pub wall_s: f64,
+}
+
+impl SearchHealth {
+    fn add(&mut self, m: &SearchMeta) {
+        self.trees += 1;
+        self.solved += !m.record.pos.is_empty() as usize;
+        self.pos += m.record.pos.len();
+        self.neg += m.record.neg.len();
+        self.nodes += m.nodes;
+        self.finished_leaves += m.finished_leaves;
+        self.resynced += m.resynced;
+        self.step_skips += m.step_skips;
+    }
+
+    fn summary(&self) -> String {
+        let n = self.trees.max(1) as f64;
+        format!(
+            "{} trees, {} with a correct leaf, {} pos / {} neg chains ({:.1}% of finished leaves \
+             correct), {:.1} nodes per tree, {} step-number skips, {} rows re-run from their text, \
+             {} tokens generated, {:.1}s",
+            self.trees,
+            self.solved,
+            self.pos,
+            self.neg,
+            100.0 * self.pos as f64 / self.finished_leaves.max(1) as f64,
+            self.nodes as f64 / n,
+            self.step_skips,
+            self.resynced,
+            self.generated_tokens,
+            self.wall_s
+        )
+    }
 }
 
 /// The records of the named search stages, in stage order, each with its
@@ -799,6 +936,20 @@ pub fn response_steps(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_number_skips_count_markers_that_do_not_count_on() {
+        assert_eq!(step_numbers("a. Step 3: b. Step 4: c"), [3, 4]);
+        assert_eq!(step_numbers("Step x: no. Step 12: yes"), [12]);
+        let mut tree = Tree::new();
+        tree.nodes.push(mcts::Node {
+            parent: Some(0),
+            depth: 1,
+            text: "a.\n\nStep 2: b.\n\nStep 4: c.".into(),
+            ..tree.nodes[0].clone()
+        });
+        assert_eq!(step_skips(&tree), 1);
+    }
 
     #[test]
     fn masked_chain_text_marks_exactly_the_steps_whose_value_fell() {

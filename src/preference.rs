@@ -10,7 +10,7 @@ use crate::eval::{self, EvalConfig};
 use crate::experiment::{StageCtx, StageResult, TrainedModel};
 use crate::kto::{self, Kto, KtoConfig, KtoExample};
 use crate::mcts::ROOT_TEXT;
-use crate::medcritical::{Corrector, SelfCorrection, attempt_text};
+use crate::medcritical::{Correction, Corrector, SelfCorrection, attempt_ids, attempt_text};
 use crate::meds3::StoreOnly;
 use crate::results::Row;
 use crate::runtime::actor::Rollout;
@@ -336,7 +336,7 @@ fn round_pairs(
                 ts.sort_by(|a, b| a.id.cmp(&b.id));
                 let prompt = template.render(&p.prompt_text());
                 let built = match stage.pairs {
-                    PairBuilder::SelfCorrection => correction_pairs(ts, &prompt)?,
+                    PairBuilder::SelfCorrection => correction_pairs(&policy, ts, &prompt)?,
                     _ => best_vs_worst(&policy, ts, &prompt)?,
                 };
                 pairs.extend(built.into_iter().take(stage.pairs_per_problem));
@@ -444,21 +444,24 @@ pub(crate) fn attempts(
 }
 
 /// Each wrong attempt against its correction (MedCritical).
-fn correction_pairs(attempts: &[&Trajectory], prompt: &str) -> Result<Vec<Pair>> {
+fn correction_pairs(policy: &Policy, attempts: &[&Trajectory], prompt: &str) -> Result<Vec<Pair>> {
     let mut out = Vec::new();
     for t in attempts {
-        let Some(correction) = t.meta["correction"].as_str() else {
+        let record = Correction::of(t)?;
+        let Some(correction) = record.correction else {
             continue;
         };
         out.push(Pair {
             prompt: prompt.to_string(),
-            chosen: correction.to_string(),
-            rejected: t.meta["text"].as_str().unwrap_or_default().to_string(),
+            chosen: correction,
+            rejected: record.text,
+            chosen_ids: record.correction_ids,
+            rejected_ids: attempt_ids(policy, t),
             meta: serde_json::json!({
                 "problem": t.problem_id,
                 "builder": "self_correction",
                 "rejected_id": t.id,
-                "chosen_by": t.meta["corrected_by"],
+                "chosen_by": record.corrected_by,
             }),
         });
     }
@@ -476,6 +479,8 @@ fn best_vs_worst(policy: &Policy, attempts: &[&Trajectory], prompt: &str) -> Res
                 prompt: prompt.to_string(),
                 chosen: attempt_text(policy, g)?,
                 rejected: attempt_text(policy, b)?,
+                chosen_ids: attempt_ids(policy, g),
+                rejected_ids: attempt_ids(policy, b),
                 meta: serde_json::json!({
                     "problem": g.problem_id,
                     "builder": "best_vs_worst",
@@ -506,6 +511,8 @@ fn tree_pairs(ctx: &StageCtx, stage: &PreferenceStage) -> Result<Vec<Pair>> {
                 prompt: prompt.clone(),
                 chosen: text(pos),
                 rejected: text(neg),
+                chosen_ids: None,
+                rejected_ids: None,
                 meta: serde_json::json!({
                     "problem": p.id,
                     "builder": "tree",
@@ -523,11 +530,15 @@ fn unpaired(pairs: &[Pair]) -> Vec<KtoExample> {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for p in pairs {
-        for (completion, desirable) in [(&p.chosen, true), (&p.rejected, false)] {
+        for (completion, ids, desirable) in [
+            (&p.chosen, &p.chosen_ids, true),
+            (&p.rejected, &p.rejected_ids, false),
+        ] {
             if seen.insert((p.prompt.clone(), completion.clone())) {
                 out.push(KtoExample {
                     prompt: p.prompt.clone(),
                     completion: completion.clone(),
+                    completion_ids: ids.clone(),
                     desirable,
                     meta: p.meta.clone(),
                 });

@@ -11,6 +11,8 @@ use support::{meds3_eval, medzero, stderr, stdout, tb_read};
 /// need to find some correct answers), a few questions searched and
 /// sampled, short generations. Stage indices follow experiments/quickstart.toml.
 const TINY: &[&str] = &[
+    // Tests run side by side on two cores: one libtorch thread per run.
+    "run.threads=1",
     "data.synthclinic.train=200",
     "data.synthclinic.diseases=8",
     "student.hidden_size=64",
@@ -40,7 +42,8 @@ const TINY: &[&str] = &[
     "stages.9.eval.max_new_tokens=64",
     "stages.10.problems=12",
     "stages.10.sampling.max_new_tokens=64",
-    "stages.11.problems=12",
+    "stages.11.problems=24",
+    "stages.11.sampling.samples=8",
     "stages.11.sampling.max_new_tokens=64",
     "stages.11.eval.max_new_tokens=64",
     "stages.12.eval.samples=2",

@@ -150,6 +150,8 @@ fn pairs(policy: &Policy) -> Vec<EncodedPair> {
                 prompt: p.to_string(),
                 chosen: c.to_string(),
                 rejected: r.to_string(),
+                chosen_ids: None,
+                rejected_ids: None,
                 meta: serde_json::Value::Null,
             };
             EncodedPair::encode(policy, &pair, policy.tokenizer.eos_id(), 64).unwrap()

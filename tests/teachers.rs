@@ -19,42 +19,11 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use support::{medzero, stderr, stdout, write_config};
 
-const WORLD: &str = r#"
-[data.synthclinic]
-train = 8
-test = 8
-hops = 1
-[student]
-hidden_size = 64
-layers = 2
-heads = 2
-kv_heads = 1
-intermediate_size = 128
-"#;
+const WORLD: &str = support::TINY_WORLD;
 
-/// Trains the teacher model (gold-chain SFT until memorised); returns the
-/// run folder and the config text it used.
+/// The teacher model: gold-chain SFT until memorised; returns its run folder.
 fn teacher_run(dir: &Path) -> PathBuf {
-    let text = format!(
-        r#"[run]
-name = "teacher"
-threads = 1
-{WORLD}
-[[stages]]
-kind = "distill_chains"
-name = "chains"
-[stages.sft]
-epochs = 150
-batch_size = 8
-lr = 3e-3
-warmup_ratio = 0.0
-checkpoint_every = 0
-"#
-    );
-    let config = write_config(dir, &text);
-    let o = medzero(&["run", &config]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    dir.join("runs/teacher")
+    support::memorised_chains(dir, "teacher")
 }
 
 fn world() -> SynthClinic {

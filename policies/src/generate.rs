@@ -1,10 +1,11 @@
 //! Sampling and batched generation over a [`KvCache`].
 //!
-//! Randomness comes from the caller's seeded ChaCha stream, one uniform per
-//! sequence per step (inverse-CDF sampling on the device), so generation is
-//! reproducible per actor and does not touch libtorch's global generator.
+//! Randomness comes from seeded ChaCha streams, one per row and one uniform
+//! per row per step (inverse-CDF sampling on the device): what a row samples
+//! depends on its own stream only, not on which rows share its batch, and
+//! libtorch's global generator is never touched.
 
-use rand::RngExt;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -86,12 +87,20 @@ impl Generation {
     }
 }
 
-/// Picks one token per row of `logits` [B, V]; returns the tokens and their
-/// log-probabilities under the unmodified distribution.
+/// `n` independent random streams seeded from `rng`, one per row.
+pub fn streams(rng: &mut ChaCha8Rng, n: usize) -> Vec<ChaCha8Rng> {
+    (0..n)
+        .map(|_| ChaCha8Rng::seed_from_u64(rng.random::<u64>()))
+        .collect()
+}
+
+/// Picks one token per row of `logits` [B, V], row i drawing from `rngs[i]`;
+/// returns the tokens and their log-probabilities under the unmodified
+/// distribution.
 pub fn sample(
     logits: &Tensor,
     params: &SamplingParams,
-    rng: &mut ChaCha8Rng,
+    rngs: &mut [ChaCha8Rng],
 ) -> (Vec<i64>, Vec<f32>) {
     let logits = logits.to_kind(Kind::Float);
     let (b, v) = (logits.size()[0], logits.size()[1]);
@@ -115,7 +124,8 @@ pub fn sample(
             probs = probs.zeros_like().scatter(-1, &idx, &kept);
         }
         let cdf = probs.cumsum(-1, Kind::Float);
-        let u: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+        assert_eq!(rngs.len() as i64, b, "sample: one random stream per row");
+        let u: Vec<f32> = rngs.iter_mut().map(|r| r.random::<f32>()).collect();
         let u =
             Tensor::from_slice(&u).to_device(cdf.device()).view([b, 1]) * cdf.narrow(1, v - 1, 1);
         u.searchsorted(&cdf, false, true, "right", None::<Tensor>)

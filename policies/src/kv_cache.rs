@@ -2,8 +2,10 @@
 //! buffer per layer for keys and values, a validity mask over columns, and a
 //! shared write column. Sequences of a batch are left-aligned by padding, so
 //! every decode step writes one column for all of them; padded columns are
-//! masked out. Forking copies a row into several, so sequences that share a
-//! prefix (MCTS children, N samples of one prompt) never recompute it.
+//! masked out. Selecting copies a row into several, so sequences that share a
+//! prefix (MCTS children, N samples of one prompt) never recompute it. The
+//! cache knows columns, not tokens: [`Rows`](crate::Rows) pairs it with the
+//! ids each row holds, and is the only way to it from outside the crate.
 
 use crate::llama::DecoderConfig;
 use tch::{Device, Kind, Tensor};
@@ -98,22 +100,44 @@ impl KvCache {
         self.len += t;
     }
 
-    /// A new cache whose rows are copies of `rows` of this one (repeats
-    /// allowed), with the same capacity: `fork(&[0; n])` gives n continuations
-    /// of one prefix.
-    pub fn select(&self, rows: &[i64]) -> KvCache {
-        let idx = Tensor::from_slice(rows).to_device(self.valid.device());
-        let pick = |t: &Tensor| t.index_select(0, &idx);
-        KvCache {
-            k: self.k.iter().map(pick).collect(),
-            v: self.v.iter().map(pick).collect(),
-            valid: pick(&self.valid),
-            len: self.len,
+    /// Makes room for `extra` more columns, growing the buffers if needed.
+    pub(crate) fn reserve(&mut self, extra: i64) {
+        if self.remaining() >= extra {
+            return;
+        }
+        let capacity = self.len + extra;
+        let grow = |t: &Tensor, dim: i64| {
+            let mut shape = t.size();
+            shape[dim as usize] = capacity;
+            let out = Tensor::zeros(&shape, (t.kind(), t.device()));
+            out.narrow(dim, 0, self.len)
+                .copy_(&t.narrow(dim, 0, self.len));
+            out
+        };
+        self.k = self.k.iter().map(|t| grow(t, 2)).collect();
+        self.v = self.v.iter().map(|t| grow(t, 2)).collect();
+        self.valid = grow(&self.valid, 1);
+    }
+
+    /// Forgets row `row`'s tokens after its first `keep`: their columns stop
+    /// counting as real for it (other rows keep theirs).
+    pub(crate) fn truncate_row(&mut self, row: i64, keep: usize) {
+        let mask = self.valid.get(row).narrow(0, 0, self.len);
+        let held = Vec::<bool>::try_from(&mask.to_device(Device::Cpu)).unwrap_or_default();
+        let mut seen = 0;
+        for (col, &real) in held.iter().enumerate() {
+            if real {
+                if seen == keep {
+                    let _ = mask.narrow(0, col as i64, self.len - col as i64).fill_(0);
+                    return;
+                }
+                seen += 1;
+            }
         }
     }
 
-    /// Like [`select`](Self::select), into a cache with room for `room` more
-    /// columns: continuing a node's rows past the capacity its batch had.
+    /// A new cache whose rows are copies of `rows` of this one (repeats
+    /// allowed), with room for `room` more columns.
     pub fn select_with_room(&self, rows: &[i64], room: i64) -> KvCache {
         let idx = Tensor::from_slice(rows).to_device(self.valid.device());
         let capacity = self.len + room.max(0);
@@ -131,11 +155,6 @@ impl KvCache {
             valid: grow(&self.valid, 1),
             len: self.len,
         }
-    }
-
-    /// `n` copies of row `row`.
-    pub fn fork(&self, row: i64, n: i64) -> KvCache {
-        self.select(&vec![row; n as usize])
     }
 
     /// Bytes held by the buffers.

@@ -3,10 +3,11 @@
 //! generation with a KV cache and prefix forking — and loading and saving in
 //! HF's folder layout.
 
-use crate::generate::{Finish, Generation, SamplingParams, pad_left, sample};
+use crate::generate::{Finish, Generation, SamplingParams, pad_left, sample, streams};
 use crate::kv_cache::KvCache;
 use crate::llama::{ConfigError, DType, Decoder, DecoderConfig};
 use crate::prm::ValueHead;
+use crate::rows::{Rows, SyncReport};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{self, WeightsError};
 use rand_chacha::ChaCha8Rng;
@@ -38,6 +39,8 @@ pub enum PolicyError {
         new: usize,
         context: i64,
     },
+    #[error("prompt {row} is empty: generation needs at least one token to continue from")]
+    EmptyPrompt { row: usize },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -196,8 +199,7 @@ impl Policy {
         (tok * m).sum_dim_intlist(1, false, Kind::Float)
     }
 
-    fn check_length(&self, prompts: &[Vec<i64>], new: usize) -> Result<(), PolicyError> {
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    fn check_length(&self, longest: usize, new: usize) -> Result<(), PolicyError> {
         let context = self.model.cfg.max_position_embeddings;
         if (longest + new) as i64 > context {
             return Err(PolicyError::TooLong {
@@ -210,18 +212,17 @@ impl Policy {
     }
 
     /// Runs the prompts (left-padded) through a fresh cache with room for
-    /// `new` more tokens; returns the cache, the last logits [B, V] and each
-    /// row's next position.
-    pub fn prefill(
-        &self,
-        prompts: &[Vec<i64>],
-        new: usize,
-    ) -> Result<(KvCache, Tensor, Tensor), PolicyError> {
-        self.check_length(prompts, new)?;
+    /// `room` more tokens per row. An empty prompt is an error: there is no
+    /// distribution to continue from.
+    pub fn prefill(&self, prompts: &[Vec<i64>], room: usize) -> Result<Rows, PolicyError> {
+        if let Some(row) = prompts.iter().position(Vec::is_empty) {
+            return Err(PolicyError::EmptyPrompt { row });
+        }
+        self.check_length(prompts.iter().map(Vec::len).max().unwrap_or(0), room)?;
         let device = self.device();
         let (ids, mask) = pad_left(prompts, self.tokenizer.pad_id());
         let (ids, mask) = (ids.to_device(device), mask.to_device(device));
-        let capacity = ids.size()[1] + new as i64;
+        let capacity = ids.size()[1] + room as i64;
         let mut cache = KvCache::new(
             &self.model.cfg,
             prompts.len() as i64,
@@ -236,11 +237,118 @@ impl Policy {
                 .forward(&ids, &positions, &mask, Some(&mut cache));
             self.model.logits(&h.select(1, -1))
         });
-        let next_pos = mask.sum_dim_intlist(1, false, Kind::Int64);
-        Ok((cache, logits, next_pos))
+        Ok(Rows {
+            cache,
+            logits,
+            ids: prompts.to_vec(),
+        })
     }
 
-    /// Batched generation with a KV cache.
+    /// Appends `tokens[i]` to row i (rows may get different numbers of
+    /// tokens, or none: such a row keeps its logits).
+    pub fn extend(&self, rows: &mut Rows, tokens: &[Vec<i64>]) -> Result<(), PolicyError> {
+        assert_eq!(tokens.len(), rows.len(), "extend: one token list per row");
+        let t = tokens.iter().map(Vec::len).max().unwrap_or(0);
+        if t == 0 {
+            return Ok(());
+        }
+        let longest = (0..rows.len())
+            .map(|i| rows.ids[i].len() + tokens[i].len())
+            .max()
+            .unwrap_or(0);
+        self.check_length(longest, 0)?;
+        let (b, t) = (rows.len() as i64, t as i64);
+        let device = self.device();
+        let pad = self.tokenizer.pad_id();
+        let mut ids = Vec::with_capacity((b * t) as usize);
+        let mut valid = Vec::with_capacity((b * t) as usize);
+        let mut positions = Vec::with_capacity((b * t) as usize);
+        for (row, new) in rows.ids.iter().zip(tokens) {
+            let start = row.len() as i64;
+            for j in 0..t {
+                let real = (j as usize) < new.len();
+                ids.push(if real { new[j as usize] } else { pad });
+                valid.push(real as i64);
+                positions.push(start + j.min(new.len().max(1) as i64 - 1));
+            }
+        }
+        let on = |v: &[i64]| Tensor::from_slice(v).view([b, t]).to_device(device);
+        rows.cache.reserve(t);
+        let hidden = tch::no_grad(|| {
+            self.model.forward(
+                &on(&ids),
+                &on(&positions),
+                &on(&valid),
+                Some(&mut rows.cache),
+            )
+        });
+        // Each row's logits after its own last new token.
+        let fed: Vec<i64> = (0..b).filter(|&i| !tokens[i as usize].is_empty()).collect();
+        let last: Vec<i64> = fed
+            .iter()
+            .map(|&i| tokens[i as usize].len() as i64 - 1)
+            .collect();
+        let fed_t = Tensor::from_slice(&fed).to_device(device);
+        let last_t = Tensor::from_slice(&last).to_device(device);
+        let h = hidden
+            .index_select(0, &fed_t)
+            .gather(
+                1,
+                &last_t
+                    .view([-1, 1, 1])
+                    .expand([fed.len() as i64, 1, hidden.size()[2]], false),
+                false,
+            )
+            .squeeze_dim(1);
+        let new_logits = tch::no_grad(|| self.model.logits(&h));
+        rows.logits = rows
+            .logits
+            .index_copy(0, &fed_t, &new_logits.to_kind(rows.logits.kind()));
+        for (row, new) in rows.ids.iter_mut().zip(tokens) {
+            row.extend_from_slice(new);
+        }
+        Ok(())
+    }
+
+    /// Makes row i hold exactly `targets[i]` (rows with `None` are left as
+    /// they are): the longest prefix the row shares with its target stays
+    /// cached, the rest of the target is run through the model. What
+    /// generated text looks like to a reader (its re-tokenised text, with
+    /// canonical markers) is thereby what the model continues from.
+    pub fn sync(
+        &self,
+        rows: &mut Rows,
+        targets: &[Option<Vec<i64>>],
+    ) -> Result<SyncReport, PolicyError> {
+        assert_eq!(targets.len(), rows.len(), "sync: one target per row");
+        let mut report = SyncReport::default();
+        let mut feed = vec![Vec::new(); rows.len()];
+        for (i, target) in targets.iter().enumerate() {
+            let Some(target) = target else { continue };
+            if target.is_empty() {
+                return Err(PolicyError::EmptyPrompt { row: i });
+            }
+            let held = &rows.ids[i];
+            if held == target {
+                continue;
+            }
+            let common = held.iter().zip(target).take_while(|(a, b)| a == b).count();
+            // At least one token is fed, so the logits follow the target's end.
+            let keep = common.min(target.len() - 1);
+            if keep < held.len() {
+                rows.cache.truncate_row(i as i64, keep);
+                rows.ids[i].truncate(keep);
+                report.rewound += 1;
+            }
+            feed[i] = target[keep..].to_vec();
+            report.fed += feed[i].len();
+        }
+        self.extend(rows, &feed)?;
+        Ok(report)
+    }
+
+    /// Batched generation with a KV cache; each prompt samples from its own
+    /// random stream, drawn from `rng` in prompt order.
     pub fn generate(
         &self,
         prompts: &[Vec<i64>],
@@ -250,41 +358,13 @@ impl Policy {
         if prompts.is_empty() {
             return Ok(Vec::new());
         }
-        let (mut cache, logits, next_pos) = self.prefill(prompts, params.max_new_tokens)?;
-        Ok(self.decode(&mut cache, logits, next_pos, params, rng))
-    }
-
-    /// Appends `tokens[i]` (equal lengths) to row i of `cache`, each row
-    /// continuing from its position `pos` [B]; returns the logits after each
-    /// row's last token [B, V] and the rows' next positions. Forces text into
-    /// a generation ("The answer is") or feeds a stopped row's last token.
-    pub fn extend(
-        &self,
-        cache: &mut KvCache,
-        tokens: &[Vec<i64>],
-        pos: &Tensor,
-    ) -> (Tensor, Tensor) {
-        let b = tokens.len() as i64;
-        let t = tokens.first().map_or(0, Vec::len) as i64;
-        assert!(
-            tokens.iter().all(|r| r.len() as i64 == t) && b == cache.batch() && t > 0,
-            "extend: one equal-length, non-empty token row per cache row"
-        );
-        let device = self.device();
-        let flat: Vec<i64> = tokens.concat();
-        let ids = Tensor::from_slice(&flat).view([b, t]).to_device(device);
-        let pos = pos.to_device(device);
-        let positions = pos.view([b, 1]) + Tensor::arange(t, (Kind::Int64, device)).view([1, t]);
-        let valid = Tensor::ones([b, t], (Kind::Int64, device));
-        let logits = tch::no_grad(|| {
-            let h = self.model.forward(&ids, &positions, &valid, Some(cache));
-            self.model.logits(&h.select(1, t - 1))
-        });
-        (logits, pos + t)
+        let mut rows = self.prefill(prompts, params.max_new_tokens)?;
+        let mut streams = streams(rng, prompts.len());
+        Ok(self.decode(&mut rows, params, &mut streams))
     }
 
     /// `n` completions of one prompt that share its prefill: the prompt runs
-    /// once and the samples continue from a forked cache.
+    /// once and the samples continue from copies of its row.
     pub fn sample_n(
         &self,
         prompt: &[i64],
@@ -295,59 +375,79 @@ impl Policy {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let (cache, logits, pos) = self.prefill(&[prompt.to_vec()], params.max_new_tokens)?;
-        let n = n as i64;
-        let mut forked = cache.fork(0, n);
-        Ok(self.decode(
-            &mut forked,
-            logits.repeat([n, 1]),
-            pos.repeat([n]),
-            params,
-            rng,
-        ))
+        let one = self.prefill(&[prompt.to_vec()], 0)?;
+        self.check_length(prompt.len(), params.max_new_tokens)?;
+        let mut rows = one.select(&vec![0; n], params.max_new_tokens);
+        let mut streams = streams(rng, n);
+        Ok(self.decode(&mut rows, params, &mut streams))
     }
 
-    /// Continues every row of `cache` from `logits` [B, V] (the distribution
-    /// of each row's next token) until EOS, a stop string or the budget.
+    /// Continues every row until EOS, a stop string, the budget or the end
+    /// of the model's context, row i sampling from `rngs[i]` (so what a row
+    /// samples does not depend on which rows share its batch). Afterwards
+    /// each row holds its ids plus every token it sampled but the last, and
+    /// its logits are the ones that last token was drawn from; a caller that
+    /// continues a row appends or [`sync`](Self::sync)s from there.
     pub fn decode(
         &self,
-        cache: &mut KvCache,
-        logits: Tensor,
-        next_pos: Tensor,
+        rows: &mut Rows,
         params: &SamplingParams,
-        rng: &mut ChaCha8Rng,
+        rngs: &mut [ChaCha8Rng],
     ) -> Vec<Generation> {
-        let b = cache.batch() as usize;
+        let b = rows.len();
+        assert_eq!(rngs.len(), b, "decode: one random stream per row");
         let device = self.device();
-        let budget = params.max_new_tokens.min(cache.remaining() as usize + 1);
+        let context = self.model.cfg.max_position_embeddings as usize;
+        let furthest = rows.ids.iter().map(Vec::len).max().unwrap_or(0);
+        // The last sampled token is never fed, so n tokens need n - 1 positions.
+        let budget = params
+            .max_new_tokens
+            .min(context.saturating_sub(furthest) + 1);
         let mut out: Vec<Generation> = (0..b).map(|_| Generation::empty()).collect();
+        if b == 0 || budget == 0 {
+            return out;
+        }
+        rows.cache.reserve(budget as i64 - 1);
         let mut done = vec![false; b];
-        let (mut logits, mut pos) = (logits, next_pos.to_device(device));
+        let mut logits = rows.logits.shallow_clone();
+        let mut last_logits = rows.logits.copy();
         tch::no_grad(|| {
             for step in 0..budget {
-                let (tokens, logprobs) = sample(&self.known(&logits), params, rng);
+                let (tokens, logprobs) = sample(&self.known(&logits), params, rngs);
+                let mut ended = Vec::new();
                 for (i, (g, d)) in out.iter_mut().zip(done.iter_mut()).enumerate() {
                     if !*d {
                         *d = self.record(g, tokens[i], logprobs[i], params);
+                        if *d || step + 1 == budget {
+                            ended.push(i as i64);
+                        }
                     }
+                }
+                if !ended.is_empty() {
+                    let idx = Tensor::from_slice(&ended).to_device(device);
+                    last_logits = last_logits.index_copy(0, &idx, &logits.index_select(0, &idx));
                 }
                 if done.iter().all(|&d| d) || step + 1 == budget {
                     break;
                 }
-                let ids = Tensor::from_slice(&tokens)
-                    .to_device(device)
-                    .view([b as i64, 1]);
+                let positions: Vec<i64> = rows.ids.iter().map(|r| r.len() as i64).collect();
                 let valid: Vec<i64> = done.iter().map(|&d| (!d) as i64).collect();
-                let valid = Tensor::from_slice(&valid)
-                    .to_device(device)
-                    .view([b as i64, 1]);
-                let h = self
-                    .model
-                    .forward(&ids, &pos.view([b as i64, 1]), &valid, Some(cache));
+                let col = |v: &[i64]| Tensor::from_slice(v).to_device(device).view([b as i64, 1]);
+                let h = self.model.forward(
+                    &col(&tokens),
+                    &col(&positions),
+                    &col(&valid),
+                    Some(&mut rows.cache),
+                );
                 logits = self.model.logits(&h.select(1, 0));
-                pos += 1;
+                for (i, row) in rows.ids.iter_mut().enumerate() {
+                    if !done[i] {
+                        row.push(tokens[i]);
+                    }
+                }
             }
         });
+        rows.logits = last_logits;
         self.finish_texts(&mut out);
         out
     }
@@ -421,14 +521,19 @@ impl Policy {
         params: &SamplingParams,
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<Generation>, PolicyError> {
-        self.check_length(prompts, params.max_new_tokens)?;
+        if let Some(row) = prompts.iter().position(Vec::is_empty) {
+            return Err(PolicyError::EmptyPrompt { row });
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        self.check_length(longest, params.max_new_tokens)?;
+        let mut streams = streams(rng, prompts.len());
         let mut seqs = prompts.to_vec();
         let mut out: Vec<Generation> = prompts.iter().map(|_| Generation::empty()).collect();
         let mut done = vec![false; prompts.len()];
         for _ in 0..params.max_new_tokens {
             let (ids, mask) = pad_left(&seqs, self.tokenizer.pad_id());
             let logits = tch::no_grad(|| self.logits(&ids, &mask).select(1, -1));
-            let (tokens, logprobs) = sample(&self.known(&logits), params, rng);
+            let (tokens, logprobs) = sample(&self.known(&logits), params, &mut streams);
             for (i, (g, d)) in out.iter_mut().zip(done.iter_mut()).enumerate() {
                 if !*d {
                     seqs[i].push(tokens[i]);

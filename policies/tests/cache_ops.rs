@@ -1,10 +1,11 @@
-//! Continuing a cached prefix, as MCTS does from a node: growing a row's cache
-//! and appending forced tokens gives the logits of running the whole sequence
-//! at once, and greedy decoding continues identically.
+//! Rows of generation state give, after every operation, what a fresh
+//! prefill of the ids they hold gives: selecting rows, appending ragged
+//! tokens, decoding, and syncing to a target that diverges from the cache.
 
+use medzero_policies::generate::streams;
 use medzero_policies::llama::DecoderConfig;
 use medzero_policies::tokenizer::Tokenizer;
-use medzero_policies::{Policy, SamplingParams};
+use medzero_policies::{Policy, Rows, SamplingParams};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -15,36 +16,159 @@ fn tiny() -> Policy {
     Policy::new_random(&cfg, tok, tch::Device::Cpu, 5).unwrap()
 }
 
+/// Every row's position is its length and its logits are a fresh prefill's.
+fn assert_fresh(policy: &Policy, rows: &Rows, what: &str) {
+    for i in 0..rows.len() {
+        let ids = rows.ids(i).to_vec();
+        assert_eq!(rows.position(i), ids.len() as i64, "{what}: row {i}");
+        let fresh = policy.prefill(&[ids], 0).unwrap();
+        let diff = (rows.logits(i) - fresh.logits(0))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "{what}: row {i} differs by {diff}");
+    }
+}
+
 #[test]
-fn grown_and_extended_cache_matches_a_full_prefill() {
+fn selected_and_extended_rows_match_a_full_prefill() {
     let policy = tiny();
     let prompts = vec![vec![5, 9, 11, 7], vec![6, 8, 10, 12, 14, 16]];
-    let forced = vec![vec![20, 21, 22], vec![23, 24, 25]];
-    // Reference: the whole sequences through a fresh prefill.
-    let whole: Vec<Vec<i64>> = prompts
-        .iter()
-        .zip(&forced)
-        .map(|(p, f)| p.iter().chain(f).copied().collect())
-        .collect();
-    let (_, reference, _) = policy.prefill(&whole, 8).unwrap();
-    // Prefill the prompts with no spare room, take the rows in reverse order
-    // into a grown cache, then force the extra tokens in.
-    let (cache, _, pos) = policy.prefill(&prompts, 0).unwrap();
-    assert_eq!(cache.remaining(), 0);
-    let mut grown = cache.select_with_room(&[1, 0], 3 + 8);
-    let pos = pos.index_select(0, &tch::Tensor::from_slice(&[1i64, 0]));
-    let swapped = vec![forced[1].clone(), forced[0].clone()];
-    let (logits, next) = policy.extend(&mut grown, &swapped, &pos);
-    let reordered = logits.index_select(0, &tch::Tensor::from_slice(&[1i64, 0]));
-    let diff = (&reordered - &reference).abs().max().double_value(&[]);
-    assert!(diff < 1e-4, "logits differ by {diff}");
-    assert_eq!(Vec::<i64>::try_from(&next).unwrap(), vec![9, 7]);
+    let rows = policy.prefill(&prompts, 0).unwrap();
+    assert_fresh(&policy, &rows, "prefill");
+    // Rows in reverse order, repeated, then ragged extensions (one row none).
+    let mut grown = rows.select(&[1, 0, 1], 2);
+    policy
+        .extend(&mut grown, &[vec![20, 21, 22], vec![23], vec![]])
+        .unwrap();
+    assert_eq!(grown.ids(0), [6, 8, 10, 12, 14, 16, 20, 21, 22]);
+    assert_eq!(grown.ids(1), [5, 9, 11, 7, 23]);
+    assert_eq!(grown.ids(2), prompts[1]);
+    assert_fresh(&policy, &grown, "extend");
+    // The source rows are untouched.
+    assert_eq!(rows.ids(0), prompts[0]);
+    assert_fresh(&policy, &rows, "source after select");
+}
 
-    // Greedy continuation from the grown cache equals generating from scratch.
-    let params = SamplingParams::greedy(8);
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let continued = policy.decode(&mut grown, logits, next, &params, &mut rng);
-    let fresh = policy.generate(&whole, &params, &mut rng).unwrap();
-    assert_eq!(continued[0].tokens, fresh[1].tokens);
-    assert_eq!(continued[1].tokens, fresh[0].tokens);
+#[test]
+fn decoded_rows_hold_every_sampled_token_but_the_last() {
+    let policy = tiny();
+    let prompts = vec![vec![5, 9, 11, 7], vec![6, 8]];
+    let mut rows = policy.prefill(&prompts, 0).unwrap();
+    let params = SamplingParams {
+        max_new_tokens: 6,
+        temperature: 1.0,
+        ..SamplingParams::default()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let outs = policy.decode(&mut rows, &params, &mut streams(&mut rng, 2));
+    for (i, g) in outs.iter().enumerate() {
+        let mut held = prompts[i].clone();
+        held.extend(&g.tokens[..g.tokens.len() - 1]);
+        assert_eq!(rows.ids(i), held, "row {i}");
+    }
+    // The logits are those the last token was drawn from.
+    assert_fresh(&policy, &rows, "decode");
+    for (i, g) in outs.iter().enumerate() {
+        let last = *g.tokens.last().unwrap();
+        let lp = rows.logits(i).log_softmax(-1, tch::Kind::Float);
+        let expect = lp.double_value(&[last]);
+        let got = *g.logprobs.last().unwrap() as f64;
+        assert!((expect - got).abs() < 1e-5, "row {i}: {expect} vs {got}");
+    }
+    // Greedy continuation after feeding the last tokens equals generating
+    // from scratch on the whole sequences.
+    let lasts: Vec<Vec<i64>> = outs
+        .iter()
+        .map(|g| vec![*g.tokens.last().unwrap()])
+        .collect();
+    policy.extend(&mut rows, &lasts).unwrap();
+    assert_fresh(&policy, &rows, "decode + extend");
+    let whole: Vec<Vec<i64>> = (0..2).map(|i| rows.ids(i).to_vec()).collect();
+    let greedy = SamplingParams::greedy(8);
+    let continued = policy.decode(&mut rows, &greedy, &mut streams(&mut rng, 2));
+    let fresh = policy.generate(&whole, &greedy, &mut rng).unwrap();
+    for i in 0..2 {
+        assert_eq!(continued[i].tokens, fresh[i].tokens, "row {i}");
+    }
+}
+
+#[test]
+fn sync_cuts_back_to_the_common_prefix_and_reruns_the_rest() {
+    let policy = tiny();
+    let mut rows = policy
+        .prefill(&[vec![5, 9, 11, 7, 13], vec![6, 8, 10], vec![4, 4]], 0)
+        .unwrap()
+        .select(&[0, 1, 2], 0);
+    let targets = vec![
+        // Diverges after 3 tokens, then goes on.
+        Some(vec![5, 9, 11, 30, 31, 32]),
+        // Extends the row.
+        Some(vec![6, 8, 10, 12]),
+        // Left alone.
+        None,
+    ];
+    let report = policy.sync(&mut rows, &targets).unwrap();
+    assert_eq!(report.rewound, 1);
+    assert_eq!(report.fed, 3 + 1);
+    assert_eq!(rows.ids(0), [5, 9, 11, 30, 31, 32]);
+    assert_eq!(rows.ids(1), [6, 8, 10, 12]);
+    assert_eq!(rows.ids(2), [4, 4]);
+    assert_fresh(&policy, &rows, "sync");
+    // A target that is a strict prefix of what a row holds: its last token
+    // is re-run so the logits follow it.
+    let report = policy
+        .sync(&mut rows, &[Some(vec![5, 9]), None, None])
+        .unwrap();
+    assert_eq!((report.rewound, report.fed), (1, 1));
+    assert_eq!(rows.ids(0), [5, 9]);
+    assert_fresh(&policy, &rows, "sync to a prefix");
+    // Syncing to what a row holds runs nothing.
+    let held: Vec<Option<Vec<i64>>> = (0..3).map(|i| Some(rows.ids(i).to_vec())).collect();
+    assert_eq!(policy.sync(&mut rows, &held).unwrap().fed, 0);
+}
+
+#[test]
+fn a_rows_samples_do_not_depend_on_its_batch() {
+    let policy = tiny();
+    let params = SamplingParams {
+        max_new_tokens: 10,
+        temperature: 1.0,
+        ..SamplingParams::default()
+    };
+    let (a, b) = (vec![5, 9, 11, 7], vec![6, 8, 10, 12, 14, 16]);
+    let together = policy
+        .generate(
+            &[a.clone(), b.clone()],
+            &params,
+            &mut ChaCha8Rng::seed_from_u64(4),
+        )
+        .unwrap();
+    let alone = policy
+        .generate(
+            std::slice::from_ref(&a),
+            &params,
+            &mut ChaCha8Rng::seed_from_u64(4),
+        )
+        .unwrap();
+    assert_eq!(together[0].tokens, alone[0].tokens);
+    // The uncached reference samples the same tokens from the same seed.
+    let uncached = policy
+        .generate_uncached(&[a, b], &params, &mut ChaCha8Rng::seed_from_u64(4))
+        .unwrap();
+    assert_eq!(uncached[0].tokens, together[0].tokens);
+    assert_eq!(uncached[1].tokens, together[1].tokens);
+}
+
+#[test]
+fn an_empty_prompt_is_an_error_not_a_panic() {
+    let policy = tiny();
+    let err = policy
+        .generate(
+            &[vec![5], vec![]],
+            &SamplingParams::greedy(4),
+            &mut ChaCha8Rng::seed_from_u64(0),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("prompt 1 is empty"), "{err}");
 }

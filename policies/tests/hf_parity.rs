@@ -91,15 +91,10 @@ fn check(arch: &str) {
         uncached.tokens, expect,
         "{arch}: uncached greedy differs from transformers"
     );
-    let (cache, last, pos) = policy.prefill(std::slice::from_ref(&prompt), new).unwrap();
-    let mut forked = cache.fork(0, 3);
-    let forks = policy.decode(
-        &mut forked,
-        last.repeat([3, 1]),
-        pos.repeat([3]),
-        &params,
-        &mut rng,
-    );
+    let rows = policy.prefill(std::slice::from_ref(&prompt), 0).unwrap();
+    let mut forked = rows.select(&[0, 0, 0], new);
+    let mut streams = medzero_policies::generate::streams(&mut rng, 3);
+    let forks = policy.decode(&mut forked, &params, &mut streams);
     for f in &forks {
         assert_eq!(
             f.tokens, expect,

@@ -83,3 +83,43 @@ pub fn write_config(dir: &Path, text: &str) -> String {
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
 }
+
+/// A tiny SynthClinic world (8 training questions) and student, as TOML.
+pub const TINY_WORLD: &str = r#"
+[data.synthclinic]
+train = 8
+test = 8
+hops = 1
+[student]
+hidden_size = 64
+layers = 2
+heads = 2
+kv_heads = 1
+intermediate_size = 128
+"#;
+
+/// Trains a student on [`TINY_WORLD`]'s gold chains until it has memorised
+/// them (150 epochs, seconds) in run `name` under `dir`; returns the run
+/// folder (its model: `stages/0-chains/model`).
+pub fn memorised_chains(dir: &Path, name: &str) -> PathBuf {
+    let text = format!(
+        r#"[run]
+name = "{name}"
+threads = 1
+{TINY_WORLD}
+[[stages]]
+kind = "distill_chains"
+name = "chains"
+[stages.sft]
+epochs = 150
+batch_size = 8
+lr = 3e-3
+warmup_ratio = 0.0
+checkpoint_every = 0
+"#
+    );
+    let config = write_config(dir, &text);
+    let o = medzero(&["run", &config]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    dir.join("runs").join(name)
+}
