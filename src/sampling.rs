@@ -72,7 +72,7 @@ impl<R: Reward> Rollout for Sampler<R> {
                     id,
                     problem_id: problem.id.clone(),
                     answer: verify::extract_answer(&g.text),
-                    reward: self.reward.score(problem, &steps),
+                    reward: self.reward.score(problem, &g.text),
                     steps,
                     values: Vec::new(),
                     policy_version: 0,

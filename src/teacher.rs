@@ -408,9 +408,8 @@ impl Reward for JudgeReward<'_> {
         "judge"
     }
 
-    fn score(&self, problem: &Problem, steps: &[Step]) -> f32 {
-        let response = medzero_envs::render_chain(steps);
-        match self.0.judge(problem, &response) {
+    fn score(&self, problem: &Problem, response: &str) -> f32 {
+        match self.0.judge(problem, response) {
             Ok(1) => 1.0,
             Ok(_) => 0.0,
             Err(e) => {

@@ -115,7 +115,8 @@ fn a_local_model_teaches_screens_corrects_and_judges() {
         let mut both = [0, 0];
         for p in &world.train {
             for t in sampler.rollout(&model, p, &mut rng).unwrap().trajectories {
-                let rule = RuleVerifier.score(p, &t.steps);
+                let text = model.tokenizer.decode(&t.tokens).unwrap();
+                let rule = RuleVerifier.score(p, &text);
                 assert_eq!(t.reward, if noise == 0.0 { rule } else { 1.0 - rule });
                 both[rule as usize] += 1;
             }
