@@ -1,7 +1,10 @@
 //! SynthClinic needs reasoning: answering without the KB stays near chance,
 //! while the oracle's chains score 100% under the strict verifier.
 
-use medzero::baselines::{self, GoldChain, MostFrequentLetter, RandomOption, Teacher, WordOverlap};
+use medzero::eval::baselines::{
+    self, GoldChain, MostFrequentLetter, RandomOption, TeacherAnswers, WordOverlap,
+};
+use medzero::teacher::OracleTeacher;
 use medzero_envs::synthclinic::{OracleConfig, SynthClinic, SynthConfig};
 
 #[test]
@@ -36,12 +39,12 @@ fn shortcuts_stay_near_chance_and_gold_chains_score_100() {
             "random-option",
             baselines::score(&mut RandomOption::new(1), &w.test).accuracy,
         );
-        let oracle = w.oracle(OracleConfig::default());
-        let gold = baselines::score(&mut GoldChain(&oracle), &w.test);
+        let oracle = OracleTeacher(w.oracle(OracleConfig::default()));
+        let gold = baselines::score(&mut GoldChain(&w.truth()), &w.test);
         assert_eq!(gold.accuracy, 1.0);
         assert_eq!(gold.per_task.len(), 3);
         assert_eq!(
-            baselines::score(&mut Teacher(&oracle), &w.test).accuracy,
+            baselines::score(&mut TeacherAnswers(&oracle), &w.test).accuracy,
             1.0
         );
     }

@@ -14,13 +14,13 @@
 
 mod support;
 
-use medzero::dpo::{EncodedPair, Pair};
-use medzero::mcts::{self, MctsConfig, Tree};
-use medzero::medcritical::{Correction, Corrector, SelfCorrection};
-use medzero::meds3::{PolicySteps, StepGeneration, chain_text};
+use medzero::rollout::mcts::{self, MctsConfig, Tree};
+use medzero::rollout::medcritical::{Correction, Corrector, SelfCorrection};
+use medzero::rollout::meds3::{PolicySteps, StepGeneration};
+use medzero::rollout::sampling::SamplingConfig;
 use medzero::runtime::actor::Rollout;
-use medzero::sampling::SamplingConfig;
-use medzero_envs::synthclinic::OracleConfig;
+use medzero::stages::meds3::chain_text;
+use medzero::train::dpo::{EncodedPair, Pair};
 use medzero_envs::synthclinic::SynthClinic;
 use medzero_policies::tokenizer::PromptTemplate;
 use medzero_policies::{Policy, SamplingParams};
@@ -42,7 +42,7 @@ fn chains_model() -> &'static PathBuf {
 }
 
 fn world() -> SynthClinic {
-    let cfg = medzero::config::Config::load(WORLD, "test", &[]).unwrap();
+    let cfg = medzero::experiment::config::Config::parse(WORLD, "test", &[]).unwrap();
     SynthClinic::generate(&cfg.data.synthclinic).unwrap()
 }
 
@@ -260,8 +260,9 @@ fn self_corrections_and_their_pairs_carry_the_sampled_ids() {
             ..SamplingConfig::default()
         },
         template: PromptTemplate::Plain,
-        oracle: world.oracle(OracleConfig::default()),
+        labeller: &world.truth(),
         corrector: Corrector::Student,
+        teacher: None,
         retries: 8,
     };
     let end = policy.tokenizer.end_of_turn_id(PromptTemplate::Plain);

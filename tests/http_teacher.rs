@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use medzero::http_teacher::{HttpError, HttpTeacher, HttpTeacherConfig, Message};
+use medzero::teacher::openai::{HttpError, HttpTeacher, HttpTeacherConfig, Message};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------- server
@@ -952,6 +952,53 @@ fn a_malformed_teacher_reply_skips_its_question_and_a_dead_teacher_stops_the_sta
     assert!(!out.status.success());
     assert!(err.contains("127.0.0.1:9"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_malformed_reply_is_not_cached_so_a_fixed_server_is_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // Prose instead of an answer for some questions, until the server is fixed.
+    let fixed = Arc::new(AtomicBool::new(false));
+    let (bad, good) = (medthink_script("woman"), medthink_script(""));
+    let server = {
+        let fixed = fixed.clone();
+        Server::start(move |i, b| {
+            if fixed.load(Ordering::SeqCst) {
+                good(i, b)
+            } else {
+                bad(i, b)
+            }
+        })
+    };
+    let config = medthink_config(dir.path(), &server.url());
+    let out = run_medzero(&config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stage = dir.path().join("runs/mt/stages/0-medthink-1");
+    let lines = |stage: &Path| {
+        std::fs::read_to_string(stage.join("sharegpt.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let kept = lines(&stage);
+    assert!(kept > 0 && kept < 12, "{kept} of 12 kept");
+    // Fixed: the rerun asks again exactly what came back malformed; every
+    // well-formed reply comes from the cache.
+    fixed.store(true, Ordering::SeqCst);
+    std::fs::remove_dir_all(&stage).unwrap();
+    let before = server.requests();
+    let out = run_medzero(&config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.requests() - before, 12 - kept);
+    assert_eq!(lines(&stage), 12);
 }
 
 #[test]

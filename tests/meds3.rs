@@ -4,8 +4,8 @@
 //! the CLI on a tiny student.
 
 mod support;
-use medzero::mcts::{self, MctsConfig, Meds3Record};
-use medzero::meds3::{PolicySteps, StepGeneration};
+use medzero::rollout::mcts::{self, MctsConfig, Meds3Record};
+use medzero::rollout::meds3::{PolicySteps, StepGeneration};
 use medzero_envs::synthclinic::{SynthClinic, SynthConfig};
 use medzero_policies::tokenizer::PromptTemplate;
 use rand::SeedableRng;

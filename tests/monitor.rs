@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufWriter, Write};
 
-use medzero::monitor::{
+use medzero::infra::monitor::{
     Fanout, Metrics, MonitorError, Null, Record, Recorder, TensorBoard, Value, crc32c,
     masked_crc32c,
 };

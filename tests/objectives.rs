@@ -5,7 +5,7 @@
 
 mod support;
 use medzero::runtime::learner::Objective;
-use medzero::sft::TrajectorySft;
+use medzero::train::sft::TrajectorySft;
 use medzero_envs::{Provenance, Step, Trajectory};
 use medzero_policies::Policy;
 use medzero_policies::SamplingParams;

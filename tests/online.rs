@@ -203,6 +203,14 @@ fn deterministic_mode_reproduces_bit_for_bit_and_survives_sigkill_and_sigterm() 
     assert_complete_and_unique(&killed.stage);
     assert_eq!(model(&killed), model(&first), "resumed weights differ");
     assert_eq!(store(&killed), store(&first), "resumed trajectories differ");
+    // The counts cover both processes, as one uninterrupted run counts.
+    let (resumed, whole) = (report(&killed.stage), report(&first.stage));
+    for c in ["rollouts", "generated_tokens", "trained", "rejected"] {
+        assert_eq!(
+            resumed["counters"][c], whole["counters"][c],
+            "{c}: {resumed} vs {whole}"
+        );
+    }
 
     // SIGTERM: a graceful stop with a checkpoint, then resume.
     let stopped = setup(str::to_string);

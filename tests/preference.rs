@@ -3,11 +3,11 @@
 
 mod support;
 
-use medzero::dpo::{Dpo, DpoConfig, DpoLoss, EncodedPair, Pair, Reference, dpo_losses};
-use medzero::kto::{EncodedKto, rotate_kl};
-use medzero::monitor::Recorder;
-use medzero::sft::SftConfig;
-use medzero::trainer;
+use medzero::infra::monitor::Recorder;
+use medzero::train;
+use medzero::train::TrainConfig;
+use medzero::train::dpo::{Dpo, DpoConfig, DpoLoss, EncodedPair, Pair, Reference, dpo_losses};
+use medzero::train::kto::{EncodedKto, rotate_kl};
 use medzero_policies::Policy;
 use medzero_policies::optim::ScheduleKind;
 use std::sync::atomic::AtomicBool;
@@ -159,8 +159,8 @@ fn pairs(policy: &Policy) -> Vec<EncodedPair> {
         .collect()
 }
 
-fn optim(steps_per_epoch_batch: usize) -> SftConfig {
-    SftConfig {
+fn optim(steps_per_epoch_batch: usize) -> TrainConfig {
+    TrainConfig {
         epochs: 2.0,
         batch_size: steps_per_epoch_batch,
         lr: 1e-2,
@@ -169,7 +169,7 @@ fn optim(steps_per_epoch_batch: usize) -> SftConfig {
         weight_decay: 0.0,
         checkpoint_every: 0,
         log_every: 1,
-        ..SftConfig::default()
+        ..TrainConfig::default()
     }
 }
 
@@ -202,15 +202,17 @@ fn tr_dpo_resumes_bit_identically_with_its_synced_reference() {
     let full = support::tiny_policy(WORDS, 3);
     let mut obj = tr_dpo(&full, 3);
     let mut rec = Recorder::new();
-    let r = trainer::train(
+    let r = train::train(
         &full,
         &mut obj,
         &cfg,
-        7,
-        dir.path(),
-        "dpo",
-        &mut rec,
-        &AtomicBool::new(false),
+        train::TrainRun {
+            seed: 7,
+            dir: dir.path(),
+            tag: "dpo",
+            metrics: &mut rec,
+            stop: &AtomicBool::new(false),
+        },
     )
     .unwrap();
     assert_eq!(r.steps, 8);
@@ -238,33 +240,37 @@ fn tr_dpo_resumes_bit_identically_with_its_synced_reference() {
     let dir2 = tempfile::tempdir().unwrap();
     let a = support::tiny_policy(WORDS, 3);
     let mut obj_a = tr_dpo(&a, 3);
-    let short = SftConfig {
+    let short = TrainConfig {
         epochs: 0.75,
         ..cfg.clone()
     };
-    let r = trainer::train(
+    let r = train::train(
         &a,
         &mut obj_a,
         &short,
-        7,
-        dir2.path(),
-        "dpo",
-        &mut Recorder::new(),
-        &AtomicBool::new(false),
+        train::TrainRun {
+            seed: 7,
+            dir: dir2.path(),
+            tag: "dpo",
+            metrics: &mut Recorder::new(),
+            stop: &AtomicBool::new(false),
+        },
     )
     .unwrap();
     assert_eq!(r.steps, 3);
     let b = support::tiny_policy(WORDS, 3);
     let mut obj_b = tr_dpo(&b, 3);
-    let r = trainer::train(
+    let r = train::train(
         &b,
         &mut obj_b,
         &cfg,
-        7,
-        dir2.path(),
-        "dpo",
-        &mut Recorder::new(),
-        &AtomicBool::new(false),
+        train::TrainRun {
+            seed: 7,
+            dir: dir2.path(),
+            tag: "dpo",
+            metrics: &mut Recorder::new(),
+            stop: &AtomicBool::new(false),
+        },
     )
     .unwrap();
     assert_eq!(r.resumed_from, Some(3));
@@ -293,15 +299,17 @@ fn dpo_training_raises_the_chosen_margin() {
     cfg.epochs = 20.0;
     let dir = tempfile::tempdir().unwrap();
     let mut rec = Recorder::new();
-    trainer::train(
+    train::train(
         &policy,
         &mut obj,
         &cfg,
-        1,
-        dir.path(),
-        "dpo",
-        &mut rec,
-        &AtomicBool::new(false),
+        train::TrainRun {
+            seed: 1,
+            dir: dir.path(),
+            tag: "dpo",
+            metrics: &mut rec,
+            stop: &AtomicBool::new(false),
+        },
     )
     .unwrap();
     let acc = rec.scalars("dpo/rewards/accuracies");
@@ -322,7 +330,10 @@ fn a_malformed_pair_line_is_named() {
         "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\"}\n",
     )
     .unwrap();
-    let err = format!("{:#}", medzero::preference::read_pairs(&path).unwrap_err());
+    let err = format!(
+        "{:#}",
+        medzero::stages::preference::read_pairs(&path).unwrap_err()
+    );
     assert!(
         err.contains("pairs.jsonl:2: not a preference pair"),
         "{err}"
@@ -366,12 +377,12 @@ fn ids(v: &serde_json::Value) -> Vec<i64> {
 /// One medzero step on TRL's token ids; returns the logged metrics by name.
 fn medzero_step(
     dir: &std::path::Path,
-    objective: &mut dyn trainer::BatchLoss,
+    objective: &mut dyn train::BatchLoss,
     policy: &Policy,
     lr: f64,
 ) -> std::collections::BTreeMap<String, f64> {
     let n = objective.items();
-    let cfg = SftConfig {
+    let cfg = TrainConfig {
         epochs: 1.0,
         batch_size: n,
         lr,
@@ -381,25 +392,27 @@ fn medzero_step(
         max_grad_norm: 1.0,
         checkpoint_every: 0,
         log_every: 1,
-        ..SftConfig::default()
+        ..TrainConfig::default()
     };
     let mut rec = Recorder::new();
-    let r = trainer::train(
+    let r = train::train(
         policy,
         objective,
         &cfg,
-        0,
-        &dir.join("ours"),
-        "t",
-        &mut rec,
-        &AtomicBool::new(false),
+        train::TrainRun {
+            seed: 0,
+            dir: &dir.join("ours"),
+            tag: "t",
+            metrics: &mut rec,
+            stop: &AtomicBool::new(false),
+        },
     )
     .unwrap();
     assert_eq!(r.steps, 1);
     rec.records()
         .into_iter()
         .filter_map(|r| match r.value {
-            medzero::monitor::Value::Scalar(x) => {
+            medzero::infra::monitor::Value::Scalar(x) => {
                 r.tag.strip_prefix("t/").map(|t| (t.to_string(), x))
             }
             _ => None,
@@ -587,8 +600,8 @@ fn kto_matches_trl_kto_trainer_on_one_step() {
                 kl_completion: ids(&t["kl_completion_ids"]),
             })
             .collect();
-        let mut obj = medzero::kto::Kto {
-            cfg: medzero::kto::KtoConfig {
+        let mut obj = medzero::train::kto::Kto {
+            cfg: medzero::train::kto::KtoConfig {
                 beta,
                 desirable_weight: wd,
                 undesirable_weight: wu,
@@ -612,11 +625,11 @@ fn kto_matches_trl_kto_trainer_on_one_step() {
 
 #[test]
 fn teacher_corrections_keep_the_sound_prefix_and_verify() {
-    use medzero::medcritical::{Corrector, SelfCorrection};
+    use medzero::rollout::medcritical::{Corrector, SelfCorrection};
     use medzero::runtime::actor::Rollout;
     use medzero_envs::synthclinic::{OracleConfig, SynthClinic, SynthConfig};
     use rand::SeedableRng;
-    let cfg = medzero::config::Config::load(
+    let cfg = medzero::experiment::config::Config::parse(
         "[data.synthclinic]\ntrain = 20\ntest = 10\n[student]\nhidden_size = 32\nlayers = 1\nheads = 2\nkv_heads = 1\nintermediate_size = 64\n",
         "t",
         &[],
@@ -628,17 +641,20 @@ fn teacher_corrections_keep_the_sound_prefix_and_verify() {
         ..SynthConfig::default()
     })
     .unwrap();
-    let policy = medzero::experiment::base_student(&cfg, &world).unwrap();
-    let oracle = world.oracle(OracleConfig::default());
+    let policy =
+        medzero::experiment::student::base_student(&cfg, &world, tch::Device::Cpu).unwrap();
+    let truth = world.truth();
+    let teacher = medzero::teacher::OracleTeacher(world.oracle(OracleConfig::default()));
     let rollout = SelfCorrection {
-        sampling: medzero::sampling::SamplingConfig {
+        sampling: medzero::rollout::sampling::SamplingConfig {
             samples: 3,
             max_new_tokens: 24,
             ..Default::default()
         },
         template: cfg.student.template,
-        oracle: world.oracle(OracleConfig::default()),
+        labeller: &truth,
         corrector: Corrector::Teacher,
+        teacher: Some(&teacher),
         retries: 1,
     };
     let p = &world.train[0];
@@ -651,12 +667,12 @@ fn teacher_corrections_keep_the_sound_prefix_and_verify() {
         assert!(t.meta["text"].is_string());
         assert_eq!(t.meta["corrected_by"], "teacher");
         let fixed = t.meta["correction"].as_str().expect("a correction");
-        let steps: Vec<medzero_envs::Step> = medzero::meds3::response_steps(fixed)
+        let steps: Vec<medzero_envs::Step> = medzero_envs::response_steps(fixed)
             .into_iter()
             .map(medzero_envs::Step::new)
             .collect();
         assert!(
-            oracle.label_steps(p, &steps).unwrap().iter().all(|&ok| ok),
+            truth.label_steps(p, &steps).unwrap().iter().all(|&ok| ok),
             "{fixed}"
         );
         assert!(medzero_envs::verify::verify(p, &steps.last().unwrap().text).correct);

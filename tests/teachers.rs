@@ -4,11 +4,11 @@
 
 mod support;
 
-use medzero::config::Config;
+use medzero::experiment::config::Config;
+use medzero::rollout::sampling::{Sampler, SamplingConfig};
 use medzero::runtime::actor::Rollout;
-use medzero::sampling::{Sampler, SamplingConfig};
 use medzero::teacher::{
-    JudgeReward, LocalTeacher, LocalTeacherConfig, OracleTeacher, Teacher, is_malformed,
+    JudgeReward, LocalTeacher, LocalTeacherConfig, OracleTeacher, Teacher, Verdict,
 };
 use medzero_envs::synthclinic::{OracleConfig, SynthClinic};
 use medzero_envs::verify;
@@ -27,7 +27,7 @@ fn teacher_run(dir: &Path) -> PathBuf {
 }
 
 fn world() -> SynthClinic {
-    let cfg = Config::load(WORLD, "test", &[]).unwrap();
+    let cfg = Config::parse(WORLD, "test", &[]).unwrap();
     SynthClinic::generate(&cfg.data.synthclinic).unwrap()
 }
 
@@ -61,7 +61,7 @@ fn a_local_model_teaches_screens_corrects_and_judges() {
         );
         assert!(explained.contains("\n1. "), "{explained}");
         // The judge holds a reply to the teacher's own answer.
-        assert_eq!(teacher.judge(p, &chain_text).unwrap(), 1);
+        assert_eq!(teacher.judge(p, &chain_text).unwrap(), Verdict::Correct);
         let other = p
             .options
             .iter()
@@ -71,7 +71,7 @@ fn a_local_model_teaches_screens_corrects_and_judges() {
             teacher
                 .judge(p, &format!("The answer is {}.", other.text))
                 .unwrap(),
-            2
+            Verdict::Wrong
         );
         right += verify::verify(p, &chain_text).correct as usize;
     }
@@ -116,7 +116,7 @@ fn a_local_model_teaches_screens_corrects_and_judges() {
         for p in &world.train {
             for t in sampler.rollout(&model, p, &mut rng).unwrap().trajectories {
                 let text = model.tokenizer.decode(&t.tokens).unwrap();
-                let rule = RuleVerifier.score(p, &text);
+                let rule = RuleVerifier.score(p, &text).unwrap();
                 assert_eq!(t.reward, if noise == 0.0 { rule } else { 1.0 - rule });
                 both[rule as usize] += 1;
             }
@@ -139,7 +139,7 @@ fn a_local_model_teaches_screens_corrects_and_judges() {
     .save(&raw)
     .unwrap();
     let e = local(&raw, 0.75).explain(&world.train[0]).unwrap_err();
-    assert!(is_malformed(&e), "{e:#}");
+    assert!(e.is_malformed(), "{e:#}");
 }
 
 #[test]

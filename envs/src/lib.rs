@@ -12,5 +12,6 @@ pub mod synthclinic;
 pub mod verify;
 
 pub use problem::{
-    Choice, Gold, Problem, Provenance, Step, StepKind, Trajectory, parse_chain, render_chain,
+    Choice, Gold, Problem, Provenance, ROOT_TEXT, Step, StepKind, Trajectory, chain_text,
+    parse_chain, render_chain, response_steps,
 };

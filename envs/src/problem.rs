@@ -107,6 +107,26 @@ pub fn render_chain(steps: &[Step]) -> String {
         .join("\n\n")
 }
 
+/// Step 0 of every reasoning chain in MedS3's format: the sentence a chain
+/// opens with, and the root of its search trees.
+pub const ROOT_TEXT: &str = "Let's break down this problem step by step.";
+
+/// A chain as the student writes it: [`ROOT_TEXT`], then the steps as
+/// [`render_chain`] writes them (the root alone for no steps).
+pub fn chain_text(steps: &[Step]) -> String {
+    if steps.is_empty() {
+        ROOT_TEXT.to_string()
+    } else {
+        format!("{ROOT_TEXT}\n\n{}", render_chain(steps))
+    }
+}
+
+/// The step texts of a response the student wrote, after its root sentence.
+pub fn response_steps(text: &str) -> Vec<String> {
+    let body = text.trim_start().strip_prefix(ROOT_TEXT).unwrap_or(text);
+    parse_chain(body).into_iter().map(|s| s.text).collect()
+}
+
 /// Splits a response into steps at lines starting "Step k:" (the inverse of
 /// [`render_chain`]); a response without such lines is one step.
 pub fn parse_chain(text: &str) -> Vec<Step> {

@@ -65,7 +65,7 @@ fn gold_chains_verify_and_every_step_is_labelled_correct() {
     let w = world(1);
     let o = w.oracle(OracleConfig::default());
     for p in w.train.iter().chain(&w.test) {
-        let chain = o.gold_chain(p).unwrap();
+        let chain = o.truth().gold_chain(p).unwrap();
         assert!(
             chain.len() >= 4,
             "{}: chain too short for multi-hop: {chain:?}",
@@ -79,7 +79,7 @@ fn gold_chains_verify_and_every_step_is_labelled_correct() {
                 .iter()
                 .all(|s| s.kind == StepKind::Reason)
         );
-        let labels = o.label_steps(p, &chain).unwrap();
+        let labels = o.truth().label_steps(p, &chain).unwrap();
         assert!(
             labels.iter().all(|&l| l),
             "{}: {labels:?}\n{}",
@@ -99,7 +99,7 @@ fn corrupted_steps_are_labelled_wrong_from_the_first_corruption() {
     let mut checked = 0;
     for p in &w.test {
         let case = Case::from_problem(p).unwrap();
-        let chain = o.gold_chain(p).unwrap();
+        let chain = o.truth().gold_chain(p).unwrap();
         let k = chain
             .iter()
             .position(|s| s.text.contains(" together with "))
@@ -116,14 +116,14 @@ fn corrupted_steps_are_labelled_wrong_from_the_first_corruption() {
             .unwrap();
         let mut bad = chain.clone();
         bad[k] = Step::new(format!("{premises} indicates {}.", wrong.name));
-        let labels = o.label_steps(p, &bad).unwrap();
+        let labels = o.truth().label_steps(p, &bad).unwrap();
         assert!(
             labels[..k].iter().all(|&l| l),
             "{}: steps before the corruption stay correct",
             p.id
         );
         assert!(!labels[k], "{}: corrupted step {k} must be wrong", p.id);
-        assert_eq!(o.first_wrong_step(p, &bad).unwrap(), Some(k));
+        assert_eq!(o.truth().first_wrong_step(p, &bad).unwrap(), Some(k));
         // The disease step rests on the lost conclusion.
         let disease_step = bad
             .iter()
@@ -139,7 +139,7 @@ fn corrupted_steps_are_labelled_wrong_from_the_first_corruption() {
         let fixed = o.correct(p, &bad).unwrap();
         assert_eq!(&fixed[..k], &bad[..k]);
         assert!(
-            o.label_steps(p, &fixed).unwrap().iter().all(|&l| l),
+            o.truth().label_steps(p, &fixed).unwrap().iter().all(|&l| l),
             "{}\n{}",
             p.id,
             render_chain(&fixed)
@@ -166,18 +166,21 @@ fn wrong_lab_reading_and_wrong_answer_are_wrong() {
         };
         let text = lab_step(kb, lab, flipped).replace(&l.fmt(flipped), &l.fmt(value));
         assert_eq!(
-            o.label_steps(p, &[Step::new(text.clone())]).unwrap(),
+            o.truth()
+                .label_steps(p, &[Step::new(text.clone())])
+                .unwrap(),
             [false],
             "{text}"
         );
         let gold = p.gold_text().unwrap();
         let other = p.options.iter().find(|c| c.text != gold).unwrap();
         let finish = Step::new(finish_step(&other.text));
-        assert_eq!(o.label_steps(p, &[finish]).unwrap(), [false]);
+        assert_eq!(o.truth().label_steps(p, &[finish]).unwrap(), [false]);
         let nonsense = Step::new(derive_step("fever", "cough", "something unknown"));
-        assert_eq!(o.label_steps(p, &[nonsense]).unwrap(), [false]);
+        assert_eq!(o.truth().label_steps(p, &[nonsense]).unwrap(), [false]);
         assert_eq!(
-            o.label_steps(p, &[Step::new("I think it is a liver problem.")])
+            o.truth()
+                .label_steps(p, &[Step::new("I think it is a liver problem.")])
                 .unwrap(),
             [false]
         );
@@ -271,7 +274,7 @@ fn knobs_change_the_questions() {
         let o = w.oracle(OracleConfig::default());
         w.train
             .iter()
-            .map(|p| o.gold_chain(p).unwrap().len())
+            .map(|p| o.truth().gold_chain(p).unwrap().len())
             .sum::<usize>() as f64
             / w.train.len() as f64
     };

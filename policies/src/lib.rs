@@ -2,19 +2,23 @@
 //!
 //! - [`llama`]: the Llama/Qwen2 decoder family, HF configs in and out;
 //! - [`weights`]: HF safetensors loading (with exact mismatch errors) and saving;
+//! - [`manifest`]: checksums of the folders medzero writes, verified on load;
 //! - [`tokenizer`]: HF `tokenizer.json`, and SynthClinic's word-level one;
 //! - [`rows`], [`generate`]: batched cached generation over rows that hold
 //!   their exact token ids, sampling with a random stream per row, prefix forking;
 //! - [`policy`]: the handle actors and the learner use;
 //! - [`prm`]: the process reward model's 2-class head;
 //! - [`optim`]: AdamW with exportable state, LR schedules, gradient clipping;
-//! - [`device`]: the stamp every figure carries.
+//! - [`device`]: where computation runs, and the stamp every figure carries;
+//! - [`peer`]: the Python interpreter the parity peers run in.
 
 pub mod device;
 pub mod generate;
 mod kv_cache;
 pub mod llama;
+pub mod manifest;
 pub mod optim;
+pub mod peer;
 pub mod policy;
 pub mod prm;
 pub mod rows;

@@ -67,7 +67,7 @@ impl Default for AdamWConfig {
 
 impl AdamWConfig {
     /// torch's constructor checks (NaN fails them too).
-    fn validate(&self) -> Result<(), OptimError> {
+    pub fn validate(&self) -> Result<(), OptimError> {
         let non_negative = 0.0..=f64::INFINITY;
         let beta = 0.0..1.0;
         let checks = [
@@ -268,6 +268,21 @@ impl AdamW {
     /// [`clip_grad_norm`] over this optimizer's parameters.
     pub fn clip_grad_norm(&self, max_norm: f64) -> f64 {
         clip_grad_norm(self.params(), max_norm)
+    }
+
+    /// The name of the first moment holding NaN or an infinity, if any.
+    pub fn first_non_finite(&self) -> Option<String> {
+        tch::no_grad(|| {
+            self.state()
+                .into_iter()
+                .find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0)
+                .map(|(n, _)| n)
+        })
+    }
+
+    /// The total gradient norm, unclipped (0 without gradients).
+    pub fn grad_norm(&self) -> f64 {
+        clip_grad_norm(self.params(), f64::INFINITY)
     }
 
     /// Updates applied so far (the bias-correction step, torch's `state["step"]`).

@@ -39,6 +39,13 @@ pub enum PolicyError {
         new: usize,
         context: i64,
     },
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error(
+        "{dir}: tensor {tensor} holds NaN or infinite values; the model is unusable (a training \
+         run that diverged wrote it?)"
+    )]
+    NotFinite { dir: String, tensor: String },
     #[error("prompt {row} is empty: generation needs at least one token to continue from")]
     EmptyPrompt { row: usize },
     #[error("{path}: {source}")]
@@ -92,6 +99,7 @@ impl Policy {
         head: bool,
     ) -> Result<(Policy, Option<ValueHead>), PolicyError> {
         let mut cfg = DecoderConfig::from_hf_file(&dir.join("config.json"))?;
+        crate::manifest::Manifest::verify(dir)?;
         if let Some(d) = dtype {
             cfg.dtype = d;
         }
@@ -104,18 +112,33 @@ impl Policy {
             vs.set_kind(cfg.dtype.kind());
         }
         weights::load(dir, &vs.variables(), cfg.tie_word_embeddings)?;
-        Ok((
-            Policy {
-                vs,
-                model,
-                tokenizer,
-            },
-            head,
-        ))
+        let policy = Policy {
+            vs,
+            model,
+            tokenizer,
+        };
+        if let Some(tensor) = policy.first_non_finite() {
+            return Err(PolicyError::NotFinite {
+                dir: dir.display().to_string(),
+                tensor,
+            });
+        }
+        Ok((policy, head))
+    }
+
+    /// The name of the first parameter holding NaN or an infinity, if any.
+    pub fn first_non_finite(&self) -> Option<String> {
+        tch::no_grad(|| {
+            self.named_parameters()
+                .into_iter()
+                .find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0)
+                .map(|(n, _)| n)
+        })
     }
 
     /// Saves `config.json`, `model.safetensors` and `tokenizer.json` into
-    /// `dir`, each written whole (temp file, fsync, rename).
+    /// `dir`, each written whole (temp file, fsync, rename), and the
+    /// folder's checksums (`manifest.json`), which [`Policy::load`] verifies.
     pub fn save(&self, dir: &Path) -> Result<(), PolicyError> {
         let io = |path: &Path| {
             let path = path.display().to_string();
@@ -134,6 +157,7 @@ impl Policy {
         let w = dir.join("model.safetensors");
         medzero_envs::atomic::write(&w, &bytes).map_err(io(&w))?;
         self.tokenizer.save(&dir.join("tokenizer.json"))?;
+        crate::manifest::Manifest::write(dir)?;
         Ok(())
     }
 
@@ -380,6 +404,26 @@ impl Policy {
         let mut rows = one.select(&vec![0; n], params.max_new_tokens);
         let mut streams = streams(rng, n);
         Ok(self.decode(&mut rows, params, &mut streams))
+    }
+
+    /// [`sample_n`](Self::sample_n) in batches of at most `max_rows`, so N
+    /// samples never hold N rows of cache at once. The samples are those of
+    /// one call: each row's random stream is drawn in order either way.
+    pub fn sample_n_batched(
+        &self,
+        prompt: &[i64],
+        n: usize,
+        max_rows: usize,
+        params: &SamplingParams,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Generation>, PolicyError> {
+        let max_rows = max_rows.max(1);
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let k = max_rows.min(n - out.len());
+            out.extend(self.sample_n(prompt, k, params, rng)?);
+        }
+        Ok(out)
     }
 
     /// Continues every row until EOS, a stop string, the budget or the end

@@ -59,7 +59,7 @@ fn texts() -> &'static Texts {
             prompts: problems.iter().map(Problem::prompt_text).collect(),
             chains: problems
                 .iter()
-                .map(|p| render_chain(&oracle.gold_chain(p).expect("synthclinic problem")))
+                .map(|p| render_chain(&oracle.truth().gold_chain(p).expect("synthclinic problem")))
                 .collect(),
             explanations: problems
                 .iter()

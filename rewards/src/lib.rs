@@ -1,14 +1,39 @@
-//! medzero-rewards: what a trajectory is worth. The trait is the boundary the
-//! runtime scores through; the rule verifier is the default for option
-//! questions (strict matching, REFERENCE 1).
+//! medzero-rewards: what a chain is worth, and which of its steps are right.
+//!
+//! - [`Reward`]: scores a finished chain; fallible, because a judge can fail
+//!   to answer, and a failure is counted by the caller, never a silent 0;
+//! - [`RuleVerifier`]: strict answer verification, the default for option
+//!   questions;
+//! - [`StepLabeller`]: per-step correctness, from SynthClinic's noise-free
+//!   ground truth or from a process reward model with a threshold;
+//! - [`prm`]: the process reward model's scorer (step scores for P-VS and
+//!   the other selection rules).
 
-use medzero_envs::{Problem, verify};
+pub mod prm;
+
+use medzero_envs::synthclinic::GroundTruth;
+use medzero_envs::{Problem, Step, verify};
+
+pub use prm::{Prm, PrmLabeller};
+
+/// Why a reward gave no score.
+#[derive(Debug, thiserror::Error)]
+pub enum RewardError {
+    /// The grader answered, but not in the asked-for form: the item is
+    /// skipped and counted.
+    #[error("malformed reply: {0}")]
+    Malformed(String),
+    /// The grader could not answer (a server down after its retries, a bad
+    /// key): the stage stops.
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// Scores a finished response to a problem, as the student wrote it (a
 /// reward that reads steps parses them itself).
 pub trait Reward: Send + Sync {
     fn name(&self) -> &str;
-    fn score(&self, problem: &Problem, response: &str) -> f32;
+    fn score(&self, problem: &Problem, response: &str) -> Result<f32, RewardError>;
 }
 
 /// A reward chosen at run time (the rule verifier or a judge) behind a box.
@@ -16,7 +41,7 @@ impl<R: Reward + ?Sized> Reward for Box<R> {
     fn name(&self) -> &str {
         (**self).name()
     }
-    fn score(&self, problem: &Problem, response: &str) -> f32 {
+    fn score(&self, problem: &Problem, response: &str) -> Result<f32, RewardError> {
         (**self).score(problem, response)
     }
 }
@@ -31,15 +56,27 @@ impl Reward for RuleVerifier {
     fn name(&self) -> &str {
         "rule"
     }
-    fn score(&self, problem: &Problem, response: &str) -> f32 {
-        if verify::verify(problem, response).correct {
+    fn score(&self, problem: &Problem, response: &str) -> Result<f32, RewardError> {
+        Ok(if verify::verify(problem, response).correct {
             1.0
         } else {
             0.0
-        }
+        })
     }
 }
 
+/// Which steps of a chain are right.
+pub trait StepLabeller {
+    /// One label per step, or `None` when this labeller cannot judge the
+    /// problem (e.g. ground truth asked about a question of another world).
+    fn label_steps(&self, problem: &Problem, steps: &[Step]) -> Option<Vec<bool>>;
+}
+
+impl StepLabeller for GroundTruth {
+    fn label_steps(&self, problem: &Problem, steps: &[Step]) -> Option<Vec<bool>> {
+        GroundTruth::label_steps(self, problem, steps).ok()
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,7 +118,11 @@ mod tests {
             ("Step 1: The answer is Beta syndrome.\n\nStep 2: so.", 1.0),
             ("no answer at all", 0.0),
         ] {
-            assert_eq!(RuleVerifier.score(&p, response), want, "{response:?}");
+            assert_eq!(
+                RuleVerifier.score(&p, response).unwrap(),
+                want,
+                "{response:?}"
+            );
         }
     }
 }

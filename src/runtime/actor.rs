@@ -37,6 +37,9 @@ pub struct Rolled {
     /// Every token generated, kept or not (MCTS generates far more than the
     /// chains it keeps): what `perf/tokens_per_s` counts.
     pub generated_tokens: u64,
+    /// Trajectories the reward could not grade (a malformed judge reply):
+    /// scored 0 and counted in the stage's report.
+    pub reward_failures: u64,
 }
 
 /// What actors tell the learner.
@@ -45,6 +48,7 @@ pub enum ActorMsg {
         item: WorkItem,
         trajectories: Vec<Trajectory>,
         generated_tokens: u64,
+        reward_failures: u64,
     },
     /// The problem will not be done in this run: the rollout returned an
     /// error, or panicked on every attempt.
@@ -154,6 +158,7 @@ pub fn run(
             Ok(Ok(Rolled {
                 mut trajectories,
                 generated_tokens,
+                reward_failures,
             })) => {
                 for t in &mut trajectories {
                     t.policy_version = version;
@@ -166,6 +171,7 @@ pub fn run(
                     item,
                     trajectories,
                     generated_tokens,
+                    reward_failures,
                 }
             }
             Ok(Err(e)) => ActorMsg::Failed {

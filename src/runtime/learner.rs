@@ -21,12 +21,12 @@
 use super::actor::{self, ActorMsg, Rollout, Stats};
 use super::queue::TrajectoryQueue;
 use super::source::ProblemSource;
-use super::store::{TrajectoryStore, read_trajectories};
+use super::store::{STORE_FILE, TrajectoryStore, read_trajectories};
 use super::weights::{PolicySnapshot, WeightSlot};
-use crate::checkpoint::{Checkpoints, TrainerState};
-use crate::monitor::Metrics;
+use crate::infra::checkpoint::{Checkpoints, TrainerState};
+use crate::infra::monitor::Metrics;
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
 use medzero_policies::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
@@ -97,6 +97,10 @@ impl RuntimeConfig {
         if self.publish_every == 0 {
             bail!("runtime: publish_every must be positive");
         }
+        // Far more than any machine has; far fewer than would exhaust stacks.
+        if self.actors > 256 || self.actor_threads > 1024 || self.learner_threads > 1024 {
+            bail!("runtime: at most 256 actors and 1024 threads per actor or learner");
+        }
         Ok(())
     }
 
@@ -148,10 +152,20 @@ impl Default for LearnerConfig {
 
 impl LearnerConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.lr.is_nan() || self.lr <= 0.0 {
-            bail!("learner: batch_size and lr must be positive");
+        if self.batch_size == 0 {
+            bail!("batch_size must be at least 1");
         }
-        Ok(())
+        self.adamw().map(drop)
+    }
+
+    fn adamw(&self) -> Result<AdamWConfig> {
+        crate::infra::adamw(
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.weight_decay,
+            self.max_grad_norm,
+        )
     }
 }
 
@@ -220,9 +234,12 @@ pub struct Counters {
     pub duplicates: u64,
     pub panics: u64,
     pub failed: u64,
+    /// Trajectories the reward could not grade (scored 0).
+    pub reward_failures: u64,
+    /// Trajectories in the store when these counts were taken: a resume
+    /// counts the rollouts of those stored after it.
+    pub stored: u64,
 }
-
-const STORE_FILE: &str = "trajectories.jsonl";
 
 /// Runs (or resumes) an online stage to its end, or until `stop` is set,
 /// when it checkpoints and returns an error saying how to resume.
@@ -233,13 +250,7 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         tch::set_num_threads(s.runtime.learner_threads as i32);
     }
     let started = Instant::now();
-    let adam = AdamWConfig {
-        lr: s.learner.lr,
-        beta1: s.learner.beta1,
-        beta2: s.learner.beta2,
-        eps: 1e-8,
-        weight_decay: s.learner.weight_decay,
-    };
+    let adam = s.learner.adamw()?;
     let mut opt = AdamW::new(s.policy.named_parameters(), adam, AdamW::default_decay)?;
     let ckpt_dir = s.dir.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir)?;
@@ -247,8 +258,8 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     let mut state = TrainerState::default();
     let mut counters = Counters::default();
     let mut resumed_from = None;
-    if let Some(path) = ckpts.latest()? {
-        state = ckpts.restore(&path, s.policy, &mut opt)?;
+    if let Some((path, restored)) = ckpts.restore_latest(s.policy, &mut opt)? {
+        state = restored;
         counters = serde_json::from_value(state.extra.clone()).unwrap_or_default();
         resumed_from = Some(state.step);
         eprintln!(
@@ -270,6 +281,18 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         );
     }
     let stored = read_trajectories(&store_path, false)?;
+    // Rollouts delivered after the last checkpoint are in the store but not
+    // in its counts (a problem's trajectories are stored together). Without
+    // a checkpoint, stored trajectories were fed from outside: no rollouts.
+    if let Some(after) = stored
+        .get(counters.stored as usize..)
+        .filter(|_| resumed_from.is_some())
+    {
+        let problems: HashSet<&str> = after.iter().map(|t| t.problem_id.as_str()).collect();
+        counters.rollouts += problems.len() as u64;
+        counters.generated_tokens += after.iter().map(|t| t.tokens.len() as u64).sum::<u64>();
+        counters.stored = stored.len() as u64;
+    }
     if state.position > stored.len() {
         bail!(
             "{}: the checkpoint says {} trajectories were consumed but {} holds {}; \
@@ -528,10 +551,12 @@ impl Learner<'_> {
             ActorMsg::Done {
                 trajectories,
                 generated_tokens,
+                reward_failures,
                 ..
             } => {
                 self.counters.rollouts += 1;
                 self.counters.generated_tokens += generated_tokens;
+                self.counters.reward_failures += reward_failures;
                 self.monitor.finished += 1;
                 for t in trajectories {
                     if !self.store.append(&t)? {
@@ -605,7 +630,7 @@ impl Learner<'_> {
         let grad_norm = if self.cfg.max_grad_norm > 0.0 {
             self.opt.clip_grad_norm(self.cfg.max_grad_norm)
         } else {
-            f64::NAN
+            self.opt.grad_norm()
         };
         let schedule = Schedule {
             kind: ScheduleKind::Constant,
@@ -613,6 +638,8 @@ impl Learner<'_> {
             total_steps: 0,
         };
         let lr = schedule.lr(self.cfg.lr, self.state.step);
+        let loss = out.loss.double_value(&[]);
+        crate::infra::ensure_finite(self.name, self.state.step + 1, loss, grad_norm, lr)?;
         self.opt.step(lr);
         self.opt.zero_grad();
         self.state.step += 1;
@@ -623,7 +650,7 @@ impl Learner<'_> {
         let step = self.state.step as u64;
         if self.state.step.is_multiple_of(self.cfg.log_every.max(1)) {
             let m = &mut *self.metrics;
-            m.scalar("train/loss", step, out.loss.double_value(&[]));
+            m.scalar("train/loss", step, loss);
             m.scalar("train/learning_rate", step, lr);
             m.scalar("train/grad_norm", step, grad_norm);
             for (k, v) in &out.metrics {
@@ -687,6 +714,7 @@ impl Learner<'_> {
         // Store first: the checkpoint must never count records the disk may lose.
         self.store.sync()?;
         self.state.elapsed_s = self.elapsed_before + self.started.elapsed().as_secs_f64();
+        self.counters.stored = self.store.len() as u64;
         self.state.extra = serde_json::to_value(&self.counters)?;
         self.ckpts
             .save(self.policy, &self.opt, &self.state)
@@ -710,14 +738,7 @@ struct Monitor {
 
 impl Monitor {
     fn new(total: usize, finished: usize) -> Self {
-        let bar = ProgressBar::new(total as u64)
-            .with_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} problems {msg} (eta {eta})",
-                )
-                .expect("template"),
-            )
-            .with_prefix("online")
+        let bar = crate::infra::progress::bar(total as u64, "online", "problems")
             .with_position(finished as u64);
         Monitor {
             bar,

@@ -5,8 +5,12 @@
 //! weights ([`weights`]) that actors adopt between rollouts.
 
 pub mod actor;
+pub mod collect;
 pub mod learner;
 pub mod queue;
 pub mod source;
 pub mod store;
 pub mod weights;
+
+pub use actor::{Rolled, Rollout};
+pub use learner::{LearnerConfig, Mode, Objective, ObjectiveLoss, RuntimeConfig};

@@ -33,6 +33,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+/// The file an online stage stores its trajectories in, in its folder.
+pub const STORE_FILE: &str = "trajectories.jsonl";
+
 /// Appends between `fdatasync`s unless [`TrajectoryStore::with_sync_every`]
 /// says otherwise: bounds what a power loss can take while keeping appends
 /// cheap (a process crash loses nothing already appended either way).

@@ -7,18 +7,9 @@ use std::process::{Command, Output};
 
 const PROJECT_ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The venv's interpreter: `.medzero/py` as linked by `make setup`, else the
-/// user-cache install `scripts/setup.sh` makes.
+/// The Python the peers run in.
 pub fn python() -> PathBuf {
-    let linked = Path::new(PROJECT_ROOT).join(".medzero/py/bin/python");
-    if linked.exists() {
-        return linked;
-    }
-    let cache = std::env::var_os("MEDZERO_CACHE").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/medzero"),
-        PathBuf::from,
-    );
-    cache.join("py/bin/python")
+    medzero_policies::peer::python()
 }
 
 /// What TensorBoard's EventAccumulator reads from `dir`.

@@ -12,7 +12,7 @@ pub mod oracle;
 
 pub use case::{Case, Task};
 pub use kb::Kb;
-pub use oracle::{Explanation, Oracle, OracleConfig};
+pub use oracle::{Explanation, GroundTruth, Oracle, OracleConfig};
 
 use crate::problem::Problem;
 use rand::SeedableRng;
@@ -230,6 +230,11 @@ impl SynthClinic {
         Oracle::new(std::sync::Arc::new(self.kb.clone()), cfg)
     }
 
+    /// The world's noise-free truth (gold chains, step labels).
+    pub fn truth(&self) -> GroundTruth {
+        GroundTruth::new(std::sync::Arc::new(self.kb.clone()))
+    }
+
     /// Writes `config.json`, `kb.json`, `train.jsonl`, `test.jsonl`,
     /// `textbook.txt` and `gold_chains.jsonl` (train, rendered steps) into `dir`.
     pub fn write_dir(&self, dir: &Path) -> Result<(), SynthError> {
@@ -260,10 +265,10 @@ impl SynthClinic {
             "textbook.txt",
             self.textbook.iter().map(|l| format!("{l}\n")).collect(),
         )?;
-        let oracle = self.oracle(OracleConfig::default());
+        let truth = self.truth();
         let mut chains = String::new();
         for p in &self.train {
-            let steps = oracle
+            let steps = truth
                 .gold_chain(p)
                 .expect("synthclinic problems carry a case");
             let row = serde_json::json!({"id": p.id, "chain": crate::render_chain(&steps)});

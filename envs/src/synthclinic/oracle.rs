@@ -69,6 +69,42 @@ pub struct Oracle {
     cfg: OracleConfig,
 }
 
+/// SynthClinic's truth, free of any teacher's noise: the gold chain of each
+/// question and the correctness of any step. What evaluation and
+/// self-correction check against, whichever teacher a run uses.
+#[derive(Debug, Clone)]
+pub struct GroundTruth {
+    kb: Arc<Kb>,
+}
+
+impl GroundTruth {
+    pub fn new(kb: Arc<Kb>) -> Self {
+        GroundTruth { kb }
+    }
+
+    fn case(&self, p: &Problem) -> Result<Case, NotSynthClinic> {
+        Case::from_problem(p).ok_or_else(|| NotSynthClinic(p.id.clone()))
+    }
+
+    /// The correct chain.
+    pub fn gold_chain(&self, p: &Problem) -> Result<Vec<Step>, NotSynthClinic> {
+        Ok(gold_chain(&self.kb, &self.case(p)?))
+    }
+
+    /// Whether each step is correct.
+    pub fn label_steps(&self, p: &Problem, steps: &[Step]) -> Result<Vec<bool>, NotSynthClinic> {
+        Ok(label_steps(&self.kb, &self.case(p)?, p, steps))
+    }
+
+    pub fn first_wrong_step(
+        &self,
+        p: &Problem,
+        steps: &[Step],
+    ) -> Result<Option<usize>, NotSynthClinic> {
+        Ok(self.label_steps(p, steps)?.iter().position(|ok| !ok))
+    }
+}
+
 /// A stable per-item coin in [0, 1) that does not depend on call order:
 /// FNV-1a over the bytes, then splitmix64's finaliser, because FNV alone
 /// leaves the high bits nearly equal for ids that differ in their last digit.
@@ -91,6 +127,11 @@ impl Oracle {
 
     pub fn kb(&self) -> &Kb {
         &self.kb
+    }
+
+    /// The truth this teacher's knowledge comes from (noise-free).
+    pub fn truth(&self) -> GroundTruth {
+        GroundTruth::new(self.kb.clone())
     }
 
     fn case(&self, p: &Problem) -> Result<Case, NotSynthClinic> {
@@ -154,24 +195,6 @@ impl Oracle {
         Ok(flag >= rate)
     }
 
-    /// The correct chain (exact, noise-free: this is the environment's truth).
-    pub fn gold_chain(&self, p: &Problem) -> Result<Vec<Step>, NotSynthClinic> {
-        Ok(gold_chain(&self.kb, &self.case(p)?))
-    }
-
-    /// Ground truth per step (noise-free), for judging a PRM.
-    pub fn label_steps(&self, p: &Problem, steps: &[Step]) -> Result<Vec<bool>, NotSynthClinic> {
-        Ok(label_steps(&self.kb, &self.case(p)?, p, steps))
-    }
-
-    pub fn first_wrong_step(
-        &self,
-        p: &Problem,
-        steps: &[Step],
-    ) -> Result<Option<usize>, NotSynthClinic> {
-        Ok(self.label_steps(p, steps)?.iter().position(|ok| !ok))
-    }
-
     /// Keeps the chain up to its first wrong step and continues with the
     /// reasoning the teacher believes, skipping conclusions already reached.
     /// A chain with no wrong step but no answer is completed the same way.
@@ -198,9 +221,9 @@ impl Oracle {
         Ok(out)
     }
 
-    /// The judge verdict of MedThink's release: 1 = correct, 2 = wrong.
-    pub fn judge(&self, p: &Problem, response: &str) -> u8 {
-        let correct = crate::verify::verify(p, response).correct;
-        if correct ^ self.is_noisy(p) { 1 } else { 2 }
+    /// The judge's verdict (MedThink's release writes 1 = correct, 2 =
+    /// wrong): whether `response` is right, inverted on the noisy items.
+    pub fn judge(&self, p: &Problem, response: &str) -> bool {
+        crate::verify::verify(p, response).correct ^ self.is_noisy(p)
     }
 }

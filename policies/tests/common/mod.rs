@@ -6,17 +6,9 @@ use std::process::Command;
 
 pub const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
-/// The venv's interpreter linked by `make setup`, else the user-cache install.
+/// The Python the peers run in.
 pub fn python() -> PathBuf {
-    let linked = Path::new(REPO).join(".medzero/py/bin/python");
-    if linked.exists() {
-        return linked;
-    }
-    let cache = std::env::var_os("MEDZERO_CACHE").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/medzero"),
-        PathBuf::from,
-    );
-    cache.join("py/bin/python")
+    medzero_policies::peer::python()
 }
 
 /// Runs `tests/support/<script>` with the venv's Python; panics with its

@@ -1,0 +1,634 @@
+//! `medzero bench`: throughput of the hot paths, side by side with HF
+//! transformers / PyTorch on the same checkpoint, the same CPU threads and the
+//! same shapes, in one run, stamped with device, threads, dtype and versions.
+
+pub mod queue;
+
+use crate::experiment::Config;
+use crate::experiment::student::base_student;
+use crate::train::sft::completion_nll_sum;
+use anyhow::{Context, Result, bail};
+use medzero_envs::synthclinic::SynthClinic;
+use medzero_policies::device::DeviceInfo;
+use medzero_policies::generate::pad_right;
+use medzero_policies::optim::{AdamW, AdamWConfig};
+use medzero_policies::{Policy, SamplingParams};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::time::Instant;
+
+const PEER_SCRIPT: &str = include_str!("../../../benches/peer/bench_peer.py");
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchConfig {
+    pub threads: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub batches: Vec<usize>,
+    /// Continuations of one prompt in the prefix-reuse benchmark.
+    pub samples: usize,
+    pub prefix_len: usize,
+    pub train_batch: usize,
+    pub train_len: usize,
+    pub train_steps: usize,
+    pub repeats: usize,
+    /// Run the transformers / PyTorch side too.
+    pub peer: bool,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            prompt_len: 64,
+            new_tokens: 64,
+            batches: vec![1, 32],
+            samples: 16,
+            prefix_len: 256,
+            train_batch: 32,
+            train_len: 64,
+            train_steps: 5,
+            repeats: 3,
+            peer: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub name: String,
+    pub unit: String,
+    pub medzero: f64,
+    pub peer: Option<f64>,
+    /// medzero / peer.
+    pub ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub stamp: String,
+    pub model: String,
+    pub dtype: String,
+    pub peer_versions: Option<String>,
+    pub rows: Vec<BenchRow>,
+}
+
+impl BenchReport {
+    pub fn to_markdown(&self) -> String {
+        let mut s = format!(
+            "{}\nmodel: {}, dtype {}{}\n\n| benchmark | unit | medzero | peer | ratio |\n|---|---|---|---|---|\n",
+            self.stamp,
+            self.model,
+            self.dtype,
+            self.peer_versions
+                .as_ref()
+                .map(|v| format!(", peer: {v}"))
+                .unwrap_or_default()
+        );
+        for r in &self.rows {
+            let peer = r.peer.map(rate).unwrap_or_else(|| "-".into());
+            let ratio = r
+                .ratio
+                .map(|x| format!("{x:.2}x"))
+                .unwrap_or_else(|| "-".into());
+            s.push_str(&format!(
+                "| {} | {} | {} | {peer} | {ratio} |\n",
+                r.name,
+                r.unit,
+                rate(r.medzero)
+            ));
+        }
+        s
+    }
+}
+
+/// A rate with three significant digits below 1000, whole numbers above.
+fn rate(x: f64) -> String {
+    if x.abs() >= 1000.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    }
+}
+
+/// The fastest of `repeats` timed runs after one warm-up, in seconds.
+fn best<F: FnMut() -> Result<()>>(repeats: usize, mut f: F) -> Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn random_prompts(rng: &mut ChaCha8Rng, n: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
+    (0..n)
+        .map(|_| (0..len).map(|_| rng.random_range(5..vocab)).collect())
+        .collect()
+}
+
+/// `medzero bench`: the table (or JSON) on stdout.
+pub(super) fn command(json: bool, no_peer: bool, threads: Option<usize>) -> Result<()> {
+    let mut cfg = BenchConfig {
+        peer: !no_peer,
+        ..Default::default()
+    };
+    if let Some(t) = threads {
+        if !(1..=1024).contains(&t) {
+            bail!("--threads must be between 1 and 1024, got {t}");
+        }
+        cfg.threads = t;
+    }
+    let report = run(&cfg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.to_markdown());
+    }
+    Ok(())
+}
+
+pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
+    tch::set_num_threads(cfg.threads as i32);
+    // The quickstart's student: the model every CPU experiment trains.
+    let exp = Config::default();
+    let world = SynthClinic::generate(&exp.data.synthclinic)?;
+    let policy = base_student(&exp, &world, tch::Device::Cpu)?;
+    let c = policy.config();
+    let model = format!(
+        "{:?} hidden {} x {} layers, {} heads ({} kv), vocab {}, {} parameters",
+        c.arch,
+        c.hidden_size,
+        c.num_layers,
+        c.num_heads,
+        c.num_kv_heads,
+        c.vocab_size,
+        c.num_parameters()
+    );
+    let vocab = policy.tokenizer.vocab_size() as i64;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let greedy = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(cfg.new_tokens)
+    };
+    let mut rows: Vec<BenchRow> = Vec::new();
+    let row = |name: String, unit: &str, medzero: f64| BenchRow {
+        name,
+        unit: unit.into(),
+        medzero,
+        peer: None,
+        ratio: None,
+    };
+
+    for &b in &cfg.batches {
+        let prompts = random_prompts(&mut rng, b, cfg.prompt_len, vocab);
+        let mut r = ChaCha8Rng::seed_from_u64(1);
+        let secs = best(cfg.repeats, || {
+            Ok(policy.generate(&prompts, &greedy, &mut r).map(|_| ())?)
+        })?;
+        rows.push(row(
+            format!("decode batch {b}, KV cache"),
+            "tokens/s",
+            (b * cfg.new_tokens) as f64 / secs,
+        ));
+        let secs = best(1, || {
+            Ok(policy
+                .generate_uncached(&prompts, &greedy, &mut r)
+                .map(|_| ())?)
+        })?;
+        rows.push(row(
+            format!("decode batch {b}, no cache"),
+            "tokens/s",
+            (b * cfg.new_tokens) as f64 / secs,
+        ));
+    }
+
+    // N continuations of one long prompt: prefill once and fork, against
+    // prefilling the same prompt N times.
+    let prompt = random_prompts(&mut rng, 1, cfg.prefix_len, vocab).remove(0);
+    let short = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(16)
+    };
+    let n = cfg.samples;
+    let mut r = ChaCha8Rng::seed_from_u64(2);
+    let forked = best(cfg.repeats, || {
+        Ok(policy.sample_n(&prompt, n, &short, &mut r).map(|_| ())?)
+    })?;
+    let copies = vec![prompt.clone(); n];
+    let recomputed = best(cfg.repeats, || {
+        Ok(policy.generate(&copies, &short, &mut r).map(|_| ())?)
+    })?;
+    let per_s = |secs: f64| n as f64 / secs;
+    // The peer column here is medzero without reuse: transformers has no fork.
+    rows.push(BenchRow {
+        name: format!(
+            "{n} samples of a {}-token prompt, forked prefix (peer: recomputed)",
+            cfg.prefix_len
+        ),
+        unit: "samples/s".into(),
+        medzero: per_s(forked),
+        peer: Some(per_s(recomputed)),
+        ratio: Some(recomputed / forked),
+    });
+
+    // Learner: one SFT optimizer step (forward, backward, clip, AdamW).
+    let seqs = random_prompts(&mut rng, cfg.train_batch, cfg.train_len, vocab);
+    let (ids, mask) = pad_right(&seqs, 0);
+    let targets = mask.ones_like();
+    let mut opt = optimizer(&policy)?;
+    let secs = best(cfg.repeats, || {
+        for _ in 0..cfg.train_steps {
+            let loss = completion_nll_sum(&policy, &ids, &mask, &targets)
+                / (cfg.train_batch * (cfg.train_len - 1)) as f64;
+            loss.backward();
+            opt.clip_grad_norm(1.0);
+            opt.step(1e-4);
+            opt.zero_grad();
+        }
+        Ok(())
+    })?;
+    rows.push(BenchRow {
+        name: format!(
+            "SFT step, batch {} x {} tokens",
+            cfg.train_batch, cfg.train_len
+        ),
+        unit: "tokens/s".into(),
+        medzero: (cfg.train_steps * cfg.train_batch * cfg.train_len) as f64 / secs,
+        peer: None,
+        ratio: None,
+    });
+
+    rows.push(dpo_row(&policy, cfg)?);
+    rows.extend(mcts_rows(&policy, &world)?);
+    rows.extend(queue_rows());
+    rows.extend(runtime_rows(&policy, &world, cfg)?);
+
+    let mut peer_versions = None;
+    if cfg.peer {
+        let peer = run_peer(&policy, cfg)?;
+        peer_versions = Some(format!(
+            "torch {}, transformers {}, trl {}",
+            peer["torch"].as_str().unwrap_or("?"),
+            peer["transformers"].as_str().unwrap_or("?"),
+            peer["trl"].as_str().unwrap_or("?")
+        ));
+        for r in rows.iter_mut() {
+            let key = if let Some(rest) = r.name.strip_prefix("decode batch ") {
+                let (b, kind) = rest.split_once(", ").unwrap_or_default();
+                Some(format!(
+                    "b{b}-{}",
+                    if kind == "KV cache" {
+                        "cache"
+                    } else {
+                        "nocache"
+                    }
+                ))
+            } else {
+                None
+            };
+            let value = match key {
+                Some(k) => peer["decode"][&k].as_f64(),
+                None if r.name.starts_with("SFT step") => peer["train_tokens_per_s"].as_f64(),
+                None if r.name.starts_with("DPO step") => peer["dpo_tokens_per_s"].as_f64(),
+                None => continue,
+            };
+            r.peer = value;
+            r.ratio = value.map(|p| r.medzero / p);
+        }
+    }
+    let stamp = format!(
+        "{}, dtype f32",
+        DeviceInfo::current(tch::Device::Cpu).stamp()
+    );
+    Ok(BenchReport {
+        stamp,
+        model,
+        dtype: "f32".into(),
+        peer_versions,
+        rows,
+    })
+}
+
+/// MedS3's tree search on one SynthClinic question with the bench student:
+/// nodes/s and generated tokens/s at max_nodes 20, 60 and 200, and prefix
+/// reuse on against off (same policy, seed and budgets, so the same tree:
+/// the row says whether it was). The untrained student rarely ends a step, so steps and rollouts
+/// run to their budgets (24 and 64 tokens): an upper bound on cost per node.
+fn mcts_rows(policy: &Policy, world: &SynthClinic) -> Result<Vec<BenchRow>> {
+    use crate::rollout::mcts::{self, MctsConfig};
+    use crate::rollout::meds3::{PolicySteps, StepGeneration};
+    use medzero_policies::tokenizer::PromptTemplate;
+    let problem = &world.test[0];
+    let run = |max_nodes: usize, reuse: bool| -> Result<(f64, f64, mcts::Tree)> {
+        let generation = StepGeneration {
+            step_max_tokens: 24,
+            rollout_max_tokens: 64,
+            prefix_reuse: reuse,
+            ..StepGeneration::default()
+        };
+        let cfg = MctsConfig {
+            max_nodes,
+            ..MctsConfig::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut model = PolicySteps::new(
+            policy,
+            &generation,
+            PromptTemplate::Plain,
+            problem,
+            &mut rng,
+        );
+        let t = Instant::now();
+        let tree = mcts::search(problem, &cfg, &mut model, 0)?;
+        let secs = t.elapsed().as_secs_f64();
+        Ok((
+            tree.nodes.len() as f64 / secs,
+            model.generated as f64 / secs,
+            tree,
+        ))
+    };
+    let mut rows = Vec::new();
+    for max_nodes in [20, 60, 200] {
+        let (nodes_per_s, tokens_per_s, tree) = run(max_nodes, true)?;
+        rows.push(BenchRow {
+            name: format!(
+                "MCTS max_nodes {max_nodes} ({} nodes), prefix reuse",
+                tree.nodes.len()
+            ),
+            unit: "nodes/s".into(),
+            medzero: nodes_per_s,
+            peer: None,
+            ratio: None,
+        });
+        rows.push(BenchRow {
+            name: format!("MCTS max_nodes {max_nodes}, generated tokens"),
+            unit: "tokens/s".into(),
+            medzero: tokens_per_s,
+            peer: None,
+            ratio: None,
+        });
+        if max_nodes == 60 {
+            let (off, off_tokens, off_tree) = run(max_nodes, false)?;
+            // Reuse is a pure speed switch: the same seed must give the same tree.
+            let same = tree.nodes.len() == off_tree.nodes.len()
+                && tree
+                    .nodes
+                    .iter()
+                    .zip(&off_tree.nodes)
+                    .all(|(a, b)| a.text == b.text && a.parent == b.parent);
+            rows.push(BenchRow {
+                name: format!(
+                    "MCTS max_nodes 60, prefix reuse on (peer: off, recomputed; {} nodes; same tree: {})",
+                    off_tree.nodes.len(),
+                    if same { "yes" } else { "NO" }
+                ),
+                unit: "nodes/s".into(),
+                medzero: nodes_per_s,
+                peer: Some(off),
+                ratio: Some(nodes_per_s / off),
+            });
+            rows.push(BenchRow {
+                name: "MCTS max_nodes 60, generated tokens, reuse on (peer: off)".into(),
+                unit: "tokens/s".into(),
+                medzero: tokens_per_s,
+                peer: Some(off_tokens),
+                ratio: Some(tokens_per_s / off_tokens),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The trajectory queue against `std::sync::mpsc::sync_channel` and a
+/// `Mutex<VecDeque>`: 100k boxed 1 KB items, capacity 1024, median of 5 runs.
+fn queue_rows() -> Vec<BenchRow> {
+    use queue::{bench_mpsc, bench_mutex, bench_throughput};
+    const ITEMS: usize = 100_000;
+    let median = |f: fn(usize, usize, usize) -> f64, producers: usize| {
+        let mut v: Vec<f64> = (0..5).map(|_| f(producers, ITEMS, 1024)).collect();
+        v.sort_by(f64::total_cmp);
+        v[2]
+    };
+    let mut rows = Vec::new();
+    for producers in [1, 4] {
+        let ours = median(bench_throughput, producers);
+        for (peer_name, peer) in [
+            ("mpsc sync_channel", median(bench_mpsc, producers)),
+            ("Mutex<VecDeque>", median(bench_mutex, producers)),
+        ] {
+            rows.push(BenchRow {
+                name: format!("trajectory queue, {producers} producer(s) (peer: {peer_name})"),
+                unit: "items/s".into(),
+                medzero: ours,
+                peer: Some(peer),
+                ratio: Some(ours / peer),
+            });
+        }
+    }
+    rows
+}
+
+/// Whole online stages on the bench student: the sampling rollout (4 samples
+/// of 32 tokens per problem) through actors, queue, store and an SFT learner
+/// training on every trajectory. Compares one actor with all threads against
+/// two single-threaded actors, and overlapped (async) against rounds (sync).
+fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    use crate::rollout::sampling::{Sampler, SamplingConfig};
+    use crate::runtime::learner::{self, LearnerConfig, Mode, Online, RuntimeConfig};
+    use crate::train::sft::TrajectorySft;
+    use medzero_policies::tokenizer::PromptTemplate;
+    use std::sync::atomic::AtomicBool;
+
+    let root = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
+    let model_dir = root.join("model");
+    policy.save(&model_dir)?;
+    let problems = &world.train[..64.min(world.train.len())];
+    let template = PromptTemplate::Plain;
+    let rollout = Sampler {
+        cfg: SamplingConfig {
+            samples: 4,
+            max_new_tokens: 32,
+            ..SamplingConfig::default()
+        },
+        template,
+        reward: medzero_rewards::RuleVerifier,
+    };
+    let build = || Ok(Policy::load(&model_dir, tch::Device::Cpu, None)?);
+    let threads = cfg.threads.max(1);
+    let setups = [
+        ("deterministic", Mode::Deterministic, 1, threads),
+        ("sync", Mode::Sync, 2, 1),
+        ("async", Mode::Async, 2, 1),
+    ];
+    let mut rates = Vec::new();
+    for (k, (name, mode, actors, actor_threads)) in setups.into_iter().enumerate() {
+        let dir = root.join(format!("{k}-{name}"));
+        let learner_policy = build()?;
+        let mut objective = TrajectorySft::new(&learner_policy, problems, template, 0.0, 0.0, 512)?;
+        let t = Instant::now();
+        let report = learner::run(Online {
+            name,
+            dir: &dir,
+            problems,
+            rollout: &rollout,
+            objective: &mut objective,
+            policy: &learner_policy,
+            build_actor_policy: &build,
+            runtime: &RuntimeConfig {
+                mode,
+                actors,
+                actor_threads,
+                learner_threads: threads,
+                round_size: 16,
+                max_policy_lag: u64::MAX,
+                ..RuntimeConfig::default()
+            },
+            learner: &LearnerConfig {
+                batch_size: 16,
+                checkpoint_every: 1000,
+                ..LearnerConfig::default()
+            },
+            seed: 0,
+            metrics: &mut crate::infra::monitor::Null,
+            stop: &AtomicBool::new(false),
+        })?;
+        let secs = t.elapsed().as_secs_f64();
+        rates.push((
+            format!("{name}, {actors} actor(s) x {actor_threads} thread(s)"),
+            problems.len() as f64 / secs,
+            report.counters.generated_tokens as f64 / secs,
+        ));
+    }
+    std::fs::remove_dir_all(&root).ok();
+    tch::set_num_threads(cfg.threads as i32);
+    let mut rows: Vec<BenchRow> = rates
+        .iter()
+        .map(|(name, per_s, _)| BenchRow {
+            name: format!("online stage end to end: {name}"),
+            unit: "problems/s".into(),
+            medzero: *per_s,
+            peer: None,
+            ratio: None,
+        })
+        .collect();
+    rows.push(BenchRow {
+        name: format!("2 actors x 1 thread (sync) (peer: 1 actor x {threads} threads)"),
+        unit: "problems/s".into(),
+        medzero: rates[1].1,
+        peer: Some(rates[0].1),
+        ratio: Some(rates[1].1 / rates[0].1),
+    });
+    rows.push(BenchRow {
+        name: "async (peer: sync), 2 actors".into(),
+        unit: "problems/s".into(),
+        medzero: rates[2].1,
+        peer: Some(rates[1].1),
+        ratio: Some(rates[2].1 / rates[1].1),
+    });
+    Ok(rows)
+}
+
+/// A DPO step as TRL's DPOTrainer takes it: train_batch/2 pairs of
+/// train_len/2-token prompts and completions, the frozen reference run on
+/// the same batch, sigmoid loss, backward, clipping, AdamW.
+fn dpo_row(policy: &Policy, cfg: &BenchConfig) -> Result<BenchRow> {
+    use crate::train::BatchLoss;
+    use crate::train::dpo::{Dpo, DpoConfig, EncodedPair, Reference};
+    let vocab = policy.config().vocab_size;
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (half, pairs) = (cfg.train_len / 2, (cfg.train_batch / 2).max(1));
+    let mut draw = || random_prompts(&mut rng, pairs, half, vocab);
+    let (p, c, r) = (draw(), draw(), draw());
+    let encoded: Vec<EncodedPair> = (0..pairs)
+        .map(|i| EncodedPair {
+            prompt: p[i].clone(),
+            chosen: c[i].clone(),
+            rejected: r[i].clone(),
+        })
+        .collect();
+    let reference = Policy::new_random(
+        policy.config(),
+        policy.tokenizer.clone(),
+        tch::Device::Cpu,
+        1,
+    )?;
+    let mut dpo = Dpo {
+        cfg: DpoConfig {
+            precompute_reference: false,
+            ..DpoConfig::default()
+        },
+        pairs: encoded,
+        reference: Reference::Model(Box::new(reference)),
+    };
+    let mut opt = optimizer(policy)?;
+    let all: Vec<usize> = (0..pairs).collect();
+    let secs = best(cfg.repeats, || {
+        for _ in 0..cfg.train_steps {
+            dpo.micro_loss(policy, &all, &all)?.loss.backward();
+            opt.clip_grad_norm(1.0);
+            opt.step(1e-4);
+            opt.zero_grad();
+        }
+        Ok(())
+    })?;
+    Ok(BenchRow {
+        name: format!("DPO step, {pairs} pairs x {half}+{half} tokens, live reference"),
+        unit: "tokens/s".into(),
+        medzero: (cfg.train_steps * pairs * 4 * half) as f64 / secs,
+        peer: None,
+        ratio: None,
+    })
+}
+
+fn run_peer(policy: &Policy, cfg: &BenchConfig) -> Result<serde_json::Value> {
+    let tmp = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
+    let model_dir = tmp.join("model");
+    policy.save(&model_dir)?;
+    let script = tmp.join("bench_peer.py");
+    std::fs::write(&script, PEER_SCRIPT)?;
+    let spec = tmp.join("spec.json");
+    std::fs::write(&spec, serde_json::to_string(cfg)?)?;
+    let py = medzero_policies::peer::python();
+    eprintln!("bench: running the transformers side with {}", py.display());
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(&model_dir)
+        .arg(&spec)
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} (run `make setup`, or pass --no-peer)",
+                py.display()
+            )
+        })?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    if !out.status.success() {
+        bail!(
+            "the transformers benchmark failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The optimizer every learner row steps: AdamW at a small learning rate.
+fn optimizer(policy: &Policy) -> Result<AdamW> {
+    let cfg = AdamWConfig {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    Ok(AdamW::new(
+        policy.named_parameters(),
+        cfg,
+        AdamW::default_decay,
+    )?)
+}

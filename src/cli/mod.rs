@@ -1,0 +1,236 @@
+//! The command line: one file per command, this module the flags and the
+//! dispatch. Errors print as one line with their causes, and exit 1.
+
+pub mod bench;
+mod data;
+mod eval;
+mod generate;
+mod run;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Self-play RL for small clinical-reasoning language models.
+#[derive(Parser)]
+#[command(name = "medzero", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment (no CONFIG: the embedded quickstart). Re-running an
+    /// existing run name resumes it.
+    Run {
+        /// Experiment TOML, e.g. experiments/quickstart.toml.
+        config: Option<PathBuf>,
+        /// Override a config key: --set search.max_nodes=60 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Delete an existing run of the same name and start over.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Make or inspect data sets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Generate from a model folder (HF layout: config.json, model.safetensors, tokenizer.json).
+    Generate(GenerateArgs),
+    /// Score a model on a data file: a model folder, or a run folder, whose
+    /// last trained model (the last finished stage, in the run's stage order,
+    /// that trained one) is scored.
+    Eval(EvalArgs),
+    /// Throughput of the hot paths, side by side with transformers / PyTorch.
+    Bench {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Skip the transformers / PyTorch side.
+        #[arg(long)]
+        no_peer: bool,
+        /// CPU threads for both sides (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default unless --temperature is given).
+    #[arg(long, conflicts_with = "temperature")]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt in a template (plain, chat_ml); none by default.
+    #[arg(long)]
+    template: Option<String>,
+    /// Print the token ids and their log-probs as JSON.
+    #[arg(long)]
+    json: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A model folder, or a run folder (runs/NAME).
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// Samples per question for vote-sc@N (0: greedy only).
+    #[arg(long, default_value_t = 0)]
+    n: usize,
+    /// Sampling temperature of the N samples.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// Nucleus mass of the N samples.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    /// Score only the first K questions.
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Selection rules over the N samples: vote-sc, prm-max, prm-minmax,
+    /// prm-vote-sum, p-vs, bon-mean, bon-prod (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "vote-sc")]
+    select: Vec<crate::eval::selection::Rule>,
+    /// A PRM folder (a `meds3_prm` stage's model) for the PRM rules.
+    #[arg(long)]
+    prm: Option<PathBuf>,
+    /// An experiment TOML whose `[teacher]` also judges each greedy answer
+    /// (LLM-as-judge, 1 = correct / 2 = wrong), reported beside the strict
+    /// verifier's accuracy.
+    #[arg(long)]
+    judge: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    #[arg(long, default_value = "plain")]
+    template: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Generate a SynthClinic world: kb.json, train/test.jsonl, textbook.txt, gold_chains.jsonl.
+    Synthclinic(SynthArgs),
+    /// Detect a data file's format and summarise it.
+    Inspect {
+        file: PathBuf,
+        /// Force a format instead of detecting it.
+        #[arg(long)]
+        format: Option<String>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    train: Option<usize>,
+    #[arg(long)]
+    test: Option<usize>,
+    /// Mechanism levels between findings and the disease.
+    #[arg(long)]
+    hops: Option<usize>,
+    /// Chance each typical finding is shown.
+    #[arg(long)]
+    typical_shown: Option<f64>,
+    /// Unrelated findings per case.
+    #[arg(long)]
+    noise_findings: Option<usize>,
+    /// Chance a distractor shares findings with the answer.
+    #[arg(long)]
+    distractor_similarity: Option<f64>,
+    /// Share of KB facts left out of the textbook.
+    #[arg(long)]
+    withheld_fraction: Option<f64>,
+    #[arg(long)]
+    options: Option<usize>,
+    /// Any other knob: --set diseases=40 (repeatable).
+    #[arg(long = "set", value_name = "KNOB=VALUE")]
+    set: Vec<String>,
+}
+
+/// Parses the command line, runs it, and turns an error into exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", render(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the
+/// message before it already includes (many errors print their source).
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !out.contains(&s) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&s);
+        }
+    }
+    out
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config, set, fresh } => run::run(config.as_deref(), &set, fresh),
+        Command::Data(DataCommand::Synthclinic(a)) => data::synthclinic(&a),
+        Command::Data(DataCommand::Inspect { file, format, json }) => {
+            data::inspect(&file, format.as_deref(), json)
+        }
+        Command::Generate(a) => generate::generate(&a),
+        Command::Eval(a) => eval::eval(&a),
+        Command::Bench {
+            json,
+            no_peer,
+            threads,
+        } => bench::command(json, no_peer, threads),
+    }
+}
+
+/// `--template`: plain or chat_ml.
+fn template(name: &str) -> Result<medzero_policies::tokenizer::PromptTemplate> {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .map_err(|_| anyhow::anyhow!("unknown template {name:?}; known: plain, chat_ml"))
+}
+
+/// `--device`, parsed and resolved as `run.device` is.
+fn device_arg(device: &str) -> Result<tch::Device> {
+    let spec: medzero_policies::device::DeviceSpec = device
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--{e}"))?;
+    spec.resolve().map_err(|e| anyhow::anyhow!("--{e}"))
+}

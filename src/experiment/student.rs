@@ -1,0 +1,52 @@
+//! The base student of a run: an HF model folder (`student.from`), or a
+//! fresh Llama-family decoder over a word-level vocabulary of the world's
+//! texts.
+
+use super::config::Config;
+use anyhow::Result;
+use medzero_envs::ROOT_TEXT;
+use medzero_envs::synthclinic::SynthClinic;
+use medzero_policies::Policy;
+use medzero_policies::tokenizer::Tokenizer;
+use std::path::Path;
+
+pub fn base_student(cfg: &Config, world: &SynthClinic, device: tch::Device) -> Result<Policy> {
+    if !cfg.student.from.is_empty() {
+        return Ok(Policy::load(
+            Path::new(&cfg.student.from),
+            device,
+            Some(cfg.student.dtype),
+        )?);
+    }
+    let oracle = world.oracle(cfg.teacher.oracle.clone());
+    let truth = world.truth();
+    let template = cfg.student.template;
+    let mut texts: Vec<String> = world.textbook.clone();
+    for p in world.train.iter().chain(&world.test) {
+        texts.push(template.render(&p.prompt_text()));
+        if let Ok(steps) = truth.gold_chain(p) {
+            texts.push(medzero_envs::render_chain(&steps));
+        }
+        if let Ok(e) = oracle.explain(p) {
+            texts.push(e.render(p));
+        }
+        texts.extend(
+            p.options
+                .iter()
+                .map(|c| format!("The answer is {}.", c.text)),
+        );
+    }
+    // MedS3's fixed texts: the root sentence and the Reflect opening.
+    texts.push(format!("{ROOT_TEXT} But wait,"));
+    let tokenizer =
+        Tokenizer::word_level(texts.iter().map(String::as_str), cfg.student.min_word_count);
+    let decoder = cfg
+        .student
+        .decoder(tokenizer.vocab_size(), tokenizer.eos_id());
+    Ok(Policy::new_random(
+        &decoder,
+        tokenizer,
+        device,
+        cfg.run.seed,
+    )?)
+}

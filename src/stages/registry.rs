@@ -1,0 +1,116 @@
+//! The one list of stage kinds: a line per kind (its variant, payload and
+//! TOML `kind`), from which the tagged serde enum and its dispatch to
+//! [`Stage`] are generated. Adding a stage is a new file in `stages/` and a
+//! line here. Cross-stage rules (unique names, references to earlier stages,
+//! no asynchronous runtime in a deterministic run) are [`validate`].
+
+use super::{Stage, baselines, distill, eval, meds3, medthink, preference, rejection_sampling};
+use crate::runtime::Mode;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+macro_rules! registry {
+    ($($(#[doc = $doc:literal])* $variant:ident($payload:ty) = $kind:literal,)*) => {
+        /// One stage of an experiment: its TOML table, tagged by `kind`.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind")]
+        pub enum StageSpec {
+            $($(#[doc = $doc])* #[serde(rename = $kind)] $variant($payload),)*
+        }
+
+        impl StageSpec {
+            /// Every stage kind, as TOML spells it.
+            pub const KINDS: &'static [&'static str] = &[$($kind),*];
+
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(StageSpec::$variant(_) => $kind,)*
+                }
+            }
+
+            pub fn stage(&self) -> &dyn Stage {
+                match self {
+                    $(StageSpec::$variant(s) => s,)*
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    /// Reference points every method must beat or match: chance-level
+    /// heuristics, the teacher, and the oracle's gold chains.
+    Baselines(baselines::BaselinesStage) = "baselines",
+    /// Domain-foundation pretraining of the base student on the textbook.
+    Pretrain(distill::Pretrain) = "pretrain",
+    /// Answer-only distillation: SFT on the teacher's answers without
+    /// reasoning (the classic-KD baseline of the papers).
+    DistillAnswers(distill::DistillAnswers) = "distill_answers",
+    /// SFT on the teacher's reasoning chains in MedS3's step format (the cold
+    /// start that teaches the student to reason in steps).
+    DistillChains(distill::DistillChains) = "distill_chains",
+    /// MedS3: tree search over reasoning steps on the actor runtime.
+    Meds3Search(meds3::SearchStage) = "meds3_search",
+    /// MedS3: policy SFT on the correct chains of search stages.
+    Meds3Policy(meds3::PolicyStage) = "meds3_policy",
+    /// MedS3: the process reward model on the search stages' step values.
+    Meds3Prm(meds3::PrmStage) = "meds3_prm",
+    /// Rejection-sampling fine-tuning on the actor/learner runtime.
+    RejectionSampling(rejection_sampling::RejectionSamplingStage) = "rejection_sampling",
+    /// Self-iterated DPO (MedCritical's stage 2, and best-vs-worst or MedS3
+    /// tree pairs).
+    Dpo(preference::DpoStage) = "dpo",
+    /// KTO on the unpaired halves of the same pairs (Med-Shicheng's alignment).
+    Kto(preference::KtoStage) = "kto",
+    /// MedThink stage 1: teacher screening and knowledge explanations, SFT.
+    MedthinkKnowledge(medthink::KnowledgeStage) = "medthink_knowledge",
+    /// MedThink stage 2: the teacher corrects the student's wrong answers, SFT.
+    MedthinkCorrection(medthink::CorrectionStage) = "medthink_correction",
+    /// Greedy and sampled accuracy of trained models on the test split.
+    Eval(eval::EvalStage) = "eval",
+}
+
+impl StageSpec {
+    /// The stage's name: its own, else its kind.
+    pub fn name(&self) -> &str {
+        self.stage().name().unwrap_or(self.kind())
+    }
+}
+
+/// Checks every stage and the rules between them, naming the stage (its
+/// index and name) in any error: an experiment either loads whole or not at
+/// all, before its first stage runs.
+pub fn validate(stages: &[StageSpec], deterministic: bool) -> Result<()> {
+    if stages.is_empty() {
+        bail!("the experiment has no stages: add at least one [[stages]] table");
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (k, spec) in stages.iter().enumerate() {
+        let name = spec.name();
+        let at = || format!("stage {k} ({name:?}, kind {:?})", spec.kind());
+        let stage = spec.stage();
+        stage.validate().with_context(at)?;
+        for r in stage.refs() {
+            if !names.contains(r) {
+                bail!("{}: refers to {r:?}, which names no earlier stage", at());
+            }
+        }
+        if let Some(rt) = stage.runtime() {
+            rt.validate().with_context(at)?;
+            if deterministic && rt.mode == Mode::Async {
+                bail!(
+                    "{}: run.deterministic is true but runtime.mode is async; use \"sync\" or \
+                     \"deterministic\", or set run.deterministic = false",
+                    at()
+                );
+            }
+        }
+        if !names.insert(name) {
+            bail!(
+                "{}: two stages are named {name:?}; give one a distinct `name`",
+                at()
+            );
+        }
+    }
+    Ok(())
+}
