@@ -1,6 +1,7 @@
 //! Bad model folders and bad requests are clear errors, never panics.
 
 use medzero_policies::llama::{Arch, DType, DecoderConfig};
+use medzero_policies::manifest::MANIFEST;
 use medzero_policies::tokenizer::Tokenizer;
 use medzero_policies::{Policy, SamplingParams};
 use rand::SeedableRng;
@@ -32,11 +33,20 @@ fn config(vocab: usize, eos: i64) -> DecoderConfig {
     }
 }
 
-fn saved(dir: &Path) -> Policy {
+fn saved_with_manifest(dir: &Path) -> Policy {
     let tok = Tokenizer::word_level(["alpha beta gamma delta epsilon"], 1);
     let cfg = config(tok.vocab_size(), tok.eos_id());
     let p = Policy::new_random(&cfg, tok, Device::Cpu, 1).unwrap();
     p.save(dir).unwrap();
+    p
+}
+
+/// A saved folder without its checksum manifest, as a download from the Hub
+/// arrives: the tests below edit it and check the structural errors, which a
+/// manifest would otherwise pre-empt with a checksum mismatch.
+fn saved(dir: &Path) -> Policy {
+    let p = saved_with_manifest(dir);
+    std::fs::remove_file(dir.join(MANIFEST)).unwrap();
     p
 }
 
@@ -53,6 +63,27 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(path, v.to_string()).unwrap();
+}
+
+#[test]
+fn a_changed_or_missing_file_fails_its_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved_with_manifest(tmp.path());
+    edit_config(tmp.path(), |v| v["rms_norm_eps"] = 1e-5.into());
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("config.json: its checksum does not match") && err.contains(MANIFEST),
+        "{err}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    saved_with_manifest(tmp.path());
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    let err = load_err(tmp.path());
+    assert!(
+        err.contains("model.safetensors: missing") && err.contains("the folder is incomplete"),
+        "{err}"
+    );
 }
 
 #[test]
