@@ -199,7 +199,7 @@ pub struct DataConfig {
     /// The SynthClinic world the run trains and tests on.
     pub synthclinic: SynthConfig,
     /// Real benchmark files (any format `medzero data inspect` knows) that
-    /// evaluation stages also score, e.g. `../shared/data/meds3-eval/MedQA.json`.
+    /// evaluation stages also score, e.g. MedS3's `meds3-eval/MedQA.json`.
     pub eval_files: Vec<PathBuf>,
 }
 
