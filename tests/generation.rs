@@ -308,3 +308,34 @@ fn self_corrections_and_their_pairs_carry_the_sampled_ids() {
         "no attempt was corrected: nothing was checked"
     );
 }
+
+/// Drawing N samples in batches of at most k rows (bounded memory) gives
+/// the samples of one batch of N: each row's stream is drawn in order, and a
+/// row's tokens do not depend on how many rows share its batch.
+#[test]
+fn samples_drawn_in_batches_equal_one_batch() {
+    let (world, policy) = (world(), policy());
+    let prompt = policy
+        .tokenizer
+        .encode(&PromptTemplate::Plain.render(&world.train[0].prompt_text()))
+        .unwrap();
+    let params = SamplingParams {
+        max_new_tokens: 48,
+        temperature: 1.0,
+        ..SamplingParams::default()
+    };
+    let draw = |rows: usize| {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        policy
+            .sample_n_batched(&prompt, 7, rows, &params, &mut rng)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.tokens)
+            .collect::<Vec<_>>()
+    };
+    let whole = draw(7);
+    assert!(whole.iter().any(|t| t != &whole[0]), "samples all equal");
+    for rows in [1, 3] {
+        assert_eq!(draw(rows), whole, "batches of {rows}");
+    }
+}
