@@ -187,6 +187,10 @@ pub struct Trajectory {
     /// Per-step values (MCTS values, PRM scores); empty when not computed.
     #[serde(default)]
     pub values: Vec<f32>,
+    /// The completion's advantage, for policy-gradient stages: computed
+    /// from its group of samples when they were drawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advantage: Option<f32>,
     pub policy_version: u64,
     pub provenance: Provenance,
     /// The generated completion's token ids, when a policy made it: learners

@@ -431,6 +431,7 @@ impl Rollout for MctsRollout {
                 .map(|l| l.chain.iter().map(|s| s.value as f32).collect())
                 .unwrap_or_default(),
             steps,
+            advantage: None,
             policy_version: 0,
             provenance: Provenance {
                 producer: String::new(),

@@ -3,8 +3,10 @@
 //! completions scored by a reward (RFT, MedThink and MedCritical attempts,
 //! preference pairs); [`mcts`]: MedS3's step-level tree search, independent
 //! of the model; [`meds3`]: that search driven by a policy with KV reuse
-//! down the tree; [`medcritical`]: attempts with their self-corrections.
+//! down the tree; [`medcritical`]: attempts with their self-corrections;
+//! [`grpo`]: a group of samples, each with its group advantage.
 
+pub mod grpo;
 pub mod mcts;
 pub mod medcritical;
 pub mod meds3;

@@ -117,6 +117,7 @@ impl<R: Reward> Rollout for Sampler<R> {
                 reward,
                 steps: parse_chain(&g.text),
                 values: Vec::new(),
+                advantage: None,
                 policy_version: 0,
                 provenance: Provenance::default(),
                 tokens: g.tokens,

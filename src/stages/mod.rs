@@ -16,6 +16,7 @@
 pub mod baselines;
 pub mod distill;
 pub mod eval;
+pub mod grpo;
 pub mod meds3;
 pub mod medthink;
 pub mod preference;

@@ -4,7 +4,8 @@
 //! line here. Cross-stage rules (unique names, references to earlier stages,
 //! no asynchronous runtime in a deterministic run) are [`validate`].
 
-use super::{Stage, baselines, distill, eval, meds3, medthink, preference, rejection_sampling};
+// Every stage module, by its name.
+use super::*;
 use crate::runtime::Mode;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,8 @@ registry! {
     Meds3Prm(meds3::PrmStage) = "meds3_prm",
     /// Rejection-sampling fine-tuning on the actor/learner runtime.
     RejectionSampling(rejection_sampling::RejectionSamplingStage) = "rejection_sampling",
+    /// GRPO: group-relative policy-gradient RL on the actor/learner runtime.
+    Grpo(grpo::GrpoStage) = "grpo",
     /// Self-iterated DPO (MedCritical's stage 2, and best-vs-worst or MedS3
     /// tree pairs).
     Dpo(preference::DpoStage) = "dpo",

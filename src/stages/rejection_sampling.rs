@@ -3,14 +3,15 @@
 //! training problem with the current policy, the rule verifier keeps the
 //! correct ones, and the learner fine-tunes on them while actors go on.
 
-use super::{Stage, StageCtx, StageOutput, required};
+use super::{Stage, StageCtx, StageOutput, TrainedModel, required};
 use crate::infra::io::write_json;
 use crate::rollout::sampling::{Sampler, SamplingConfig};
-use crate::runtime::learner::{self, Online};
-use crate::runtime::{LearnerConfig, RuntimeConfig};
-use crate::teacher::JudgeReward;
+use crate::runtime::learner::{self, Objective, Online};
+use crate::runtime::{LearnerConfig, Rollout, RuntimeConfig};
+use crate::teacher::{JudgeReward, Teacher};
 use crate::train::sft::TrajectorySft;
 use anyhow::{Context, Result, bail};
+use medzero_envs::Problem;
 use medzero_policies::Policy;
 use medzero_rewards::{Reward, RuleVerifier};
 use serde::{Deserialize, Serialize};
@@ -93,45 +94,79 @@ impl Stage for RejectionSamplingStage {
     }
 
     fn run(&self, ctx: &mut StageCtx) -> Result<StageOutput> {
-        let (stage, name) = (self, ctx.name);
-        let init = ctx.model(&stage.init)?;
-        let device = ctx.run.device;
-        let policy = Policy::load(&init.dir, device, None)?;
-        let template = ctx.run.template;
-        let problems = ctx.train_problems(stage.problems, 0);
+        let init = ctx.model(&self.init)?;
+        let policy = Policy::load(&init.dir, ctx.run.device, None)?;
+        let problems = ctx.train_problems(self.problems, 0);
         let mut objective = TrajectorySft::new(
             &policy,
             problems,
-            template,
-            stage.min_reward,
-            stage.importance_clip,
-            stage.max_len,
+            ctx.run.template,
+            self.min_reward,
+            self.importance_clip,
+            self.max_len,
         )?;
-        let judge = match stage.reward {
-            RewardKind::Judge => Some(ctx.services.teacher()?),
-            RewardKind::Rule => None,
-        };
-        let reward: Box<dyn Reward + '_> = match &judge {
-            Some(t) => Box::new(JudgeReward(t.as_ref())),
-            None => Box::new(RuleVerifier),
-        };
+        let judge = judge(ctx, self.reward)?;
         let rollout = Sampler {
-            cfg: stage.sampling.clone(),
-            template,
-            reward,
+            cfg: self.sampling.clone(),
+            template: ctx.run.template,
+            reward: reward(&judge),
         };
-        let init_dir = init.dir.clone();
+        let run = OnlineRun {
+            init: &init,
+            policy: &policy,
+            runtime: &self.runtime,
+            learner: &self.learner,
+        };
+        run.train(ctx, problems, &rollout, &mut objective)
+    }
+}
+
+/// The teacher a `judge` reward asks (none for the rule verifier).
+pub(super) fn judge(ctx: &StageCtx, kind: RewardKind) -> Result<Option<Box<dyn Teacher>>> {
+    Ok(match kind {
+        RewardKind::Judge => Some(ctx.services.teacher()?),
+        RewardKind::Rule => None,
+    })
+}
+
+/// The rule verifier, or `judge` as LLM-as-judge.
+pub(super) fn reward(judge: &Option<Box<dyn Teacher>>) -> Box<dyn Reward + '_> {
+    match judge {
+        Some(t) => Box::new(JudgeReward(t.as_ref())),
+        None => Box::new(RuleVerifier),
+    }
+}
+
+/// An online stage that trains `policy` (loaded from `init`) while actors
+/// generate: the runtime loop, its report, and the saved model.
+pub(super) struct OnlineRun<'a> {
+    pub init: &'a TrainedModel,
+    pub policy: &'a Policy,
+    pub runtime: &'a RuntimeConfig,
+    pub learner: &'a LearnerConfig,
+}
+
+impl OnlineRun<'_> {
+    pub fn train(
+        &self,
+        ctx: &mut StageCtx,
+        problems: &[Problem],
+        rollout: &dyn Rollout,
+        objective: &mut dyn Objective,
+    ) -> Result<StageOutput> {
+        let name = ctx.name;
+        let (init_dir, device) = (self.init.dir.clone(), ctx.run.device);
         let build = move || Ok(Policy::load(&init_dir, device, None)?);
         let report = learner::run(Online {
             name,
             dir: ctx.dir,
             problems,
-            rollout: &rollout,
-            objective: &mut objective,
-            policy: &policy,
+            rollout,
+            objective,
+            policy: self.policy,
             build_actor_policy: &build,
-            runtime: &stage.runtime,
-            learner: &stage.learner,
+            runtime: self.runtime,
+            learner: self.learner,
             seed: ctx.run.seed,
             metrics: &mut *ctx.metrics,
             stop: ctx.stop,
@@ -154,8 +189,8 @@ impl Stage for RejectionSamplingStage {
         );
         write_json(&ctx.dir.join("report.json"), &report)?;
         let model = ctx.save_model(
-            &policy,
-            init.training_tokens + report.learner_tokens,
+            self.policy,
+            self.init.training_tokens + report.learner_tokens,
             report.wall_s,
         )?;
         Ok(StageOutput {

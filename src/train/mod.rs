@@ -8,6 +8,7 @@
 //! (the DPO family) and [`kto`].
 
 pub mod dpo;
+pub mod grpo;
 pub mod kto;
 pub mod prm;
 pub mod sft;

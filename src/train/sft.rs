@@ -154,7 +154,7 @@ pub fn completion_nll_sum(
 }
 
 /// -log p(ids[:, t+1] | ids[:, ..=t]) for every position: [B, T-1].
-fn token_nll(policy: &Policy, ids: &Tensor, mask: &Tensor) -> Tensor {
+pub fn token_nll(policy: &Policy, ids: &Tensor, mask: &Tensor) -> Tensor {
     let t = ids.size()[1];
     let logits = policy.logits(ids, mask);
     let logp = logits.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
@@ -198,23 +198,32 @@ impl TrajectorySft {
         importance_clip: f64,
         max_len: usize,
     ) -> Result<TrajectorySft> {
-        let prompts = problems
-            .iter()
-            .map(|p| {
-                let ids = policy
-                    .tokenizer
-                    .encode(&template.render(&p.prompt_text()))?;
-                Ok((p.id.clone(), ids))
-            })
-            .collect::<Result<_>>()?;
         Ok(TrajectorySft {
-            prompts,
+            prompts: encode_prompts(policy, problems, template)?,
             min_reward,
             importance_clip,
             max_len,
             template,
         })
     }
+}
+
+/// Each problem's prompt, rendered by `template` and encoded, by problem id:
+/// what an online objective puts before a trajectory's completion.
+pub fn encode_prompts(
+    policy: &Policy,
+    problems: &[medzero_envs::Problem],
+    template: PromptTemplate,
+) -> Result<std::collections::HashMap<String, Vec<i64>>> {
+    problems
+        .iter()
+        .map(|p| {
+            let ids = policy
+                .tokenizer
+                .encode(&template.render(&p.prompt_text()))?;
+            Ok((p.id.clone(), ids))
+        })
+        .collect()
 }
 
 impl crate::runtime::learner::Objective for TrajectorySft {
