@@ -114,3 +114,33 @@ pub fn resolve_model(path: &Path) -> Result<PathBuf> {
         .map(|(_, m)| m)
         .with_context(|| format!("run {} has no trained model yet", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The last trained stage by the run's order, not by folder name (a
+    /// name sort puts 10- before 9-), found below its own folder even when
+    /// the run recorded it under another path, and skipping unfinished
+    /// stages and stages that train nothing.
+    #[test]
+    fn a_run_folder_means_its_last_trained_stage() {
+        let run = tempfile::tempdir().unwrap();
+        let stage = |name: &str, model: Option<&str>| {
+            let dir = run.path().join("stages").join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let model = model.map(|m| format!("/elsewhere/runs/r/stages/{name}/{m}"));
+            let result = serde_json::json!({"rows": [], "model": model.map(|d| serde_json::json!({"dir": d}))});
+            std::fs::write(dir.join("result.json"), result.to_string()).unwrap();
+        };
+        stage("9-medcritical", Some("round-1/model"));
+        stage("10-rft", Some("model"));
+        stage("11-curriculum", Some("round-1/model"));
+        stage("12-eval", None);
+        std::fs::create_dir_all(run.path().join("stages/13-unfinished")).unwrap();
+        assert_eq!(
+            resolve_model(run.path()).unwrap(),
+            run.path().join("stages/11-curriculum/round-1/model")
+        );
+    }
+}
