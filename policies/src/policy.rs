@@ -140,6 +140,15 @@ impl Policy {
     /// `dir`, each written whole (temp file, fsync, rename), and the
     /// folder's checksums (`manifest.json`), which [`Policy::load`] verifies.
     pub fn save(&self, dir: &Path) -> Result<(), PolicyError> {
+        self.save_files(dir)?;
+        crate::manifest::Manifest::write(dir)?;
+        Ok(())
+    }
+
+    /// [`save`](Self::save) without the manifest, for a caller that adds
+    /// files of its own (a checkpoint's optimizer state) and then writes one
+    /// manifest for the whole folder, hashing each file once.
+    pub fn save_files(&self, dir: &Path) -> Result<(), PolicyError> {
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| PolicyError::Io {
@@ -157,7 +166,6 @@ impl Policy {
         let w = dir.join("model.safetensors");
         medzero_envs::atomic::write(&w, &bytes).map_err(io(&w))?;
         self.tokenizer.save(&dir.join("tokenizer.json"))?;
-        crate::manifest::Manifest::write(dir)?;
         Ok(())
     }
 

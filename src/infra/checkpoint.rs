@@ -100,8 +100,9 @@ impl Checkpoints {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
+        // One manifest for the whole folder, written last.
         policy
-            .save(&tmp)
+            .save_files(&tmp)
             .with_context(|| format!("saving weights to {}", tmp.display()))?;
         opt.save(&tmp.join("optimizer.safetensors"))
             .context("saving optimizer state")?;

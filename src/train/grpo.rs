@@ -159,7 +159,7 @@ pub fn loss(
         LossType::Bnpo | LossType::Dapo => masked.sum(Kind::Float) / tokens.clamp_min(1.0),
         LossType::DrGrpo => masked.sum(Kind::Float) / (rows as f64 * max_completion as f64),
     };
-    let n = tokens.double_value(&[]);
+    let n = batch.iter().map(|s| s.completion.len()).sum::<usize>() as f64;
     let ratio = ratio.detach();
     let out_of_range = (ratio.lt(lo).logical_or(&ratio.gt(hi)).to_kind(Kind::Float) * &m)
         .sum(Kind::Float)
