@@ -6,10 +6,12 @@
 
 mod support;
 
-use medzero::rollout::grpo::{ScaleRewards, advantages};
-use medzero::train::grpo::{self, GrpoConfig, LossType, Sample};
+use medzero::rollout::advantage::{ScaleRewards, normalise, steps};
+use medzero::train::grpo::{self, GrpoConfig, ImportanceLevel, LossType, Sample};
+use medzero_envs::{Trajectory, response_steps};
 use medzero_policies::Policy;
 use medzero_policies::optim::{AdamW, AdamWConfig};
+use medzero_policies::tokenizer::PromptTemplate;
 use std::path::Path;
 
 const WORDS: &str = "the patient has fever cough rash pain and the answer is flu cold measles";
@@ -58,20 +60,32 @@ fn batch(eos: i64) -> (Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<f32>) {
     (prompts, completions, rewards)
 }
 
+struct Step {
+    loss: f64,
+    norm: f64,
+    out: grpo::GrpoLoss,
+}
+
 fn medzero_step(
     policy: &Policy,
+    reference: Option<&Policy>,
     prompts: &[Vec<i64>],
     completions: &[Vec<i64>],
     adv: &[f32],
     cfg: &GrpoConfig,
-) -> (f64, f64) {
+) -> Step {
+    let per_token: Vec<Vec<f32>> = completions
+        .iter()
+        .zip(adv)
+        .map(|(c, &a)| vec![a; c.len()])
+        .collect();
     let samples: Vec<Sample> = completions
         .iter()
         .enumerate()
         .map(|(i, c)| Sample {
             prompt: &prompts[i / 4],
             completion: c,
-            advantage: adv[i],
+            advantages: &per_token[i],
             old_logprobs: &[],
         })
         .collect();
@@ -81,35 +95,98 @@ fn medzero_step(
         ..AdamWConfig::default()
     };
     let mut opt = AdamW::new(policy.named_parameters(), adam, AdamW::default_decay).unwrap();
-    let out = grpo::loss(policy, &samples, cfg, 8).unwrap();
+    let out = grpo::loss(policy, reference, &samples, cfg, 8).unwrap();
     let loss = out.loss.double_value(&[]);
     out.loss.backward();
     let norm = opt.clip_grad_norm(1.0);
     opt.step(LR);
-    (loss, norm)
+    Step { loss, norm, out }
 }
 
+struct Case {
+    loss_type: LossType,
+    scale: ScaleRewards,
+    beta: f64,
+    bias_correction: bool,
+    level: ImportanceLevel,
+}
+
+impl Case {
+    fn trl_names(&self) -> (&'static str, &'static str, &'static str) {
+        let loss = match self.loss_type {
+            LossType::Grpo => "grpo",
+            LossType::Bnpo => "bnpo",
+            LossType::DrGrpo => "dr_grpo",
+            LossType::Dapo => "dapo",
+        };
+        let scale = match self.scale {
+            ScaleRewards::Group => "group",
+            ScaleRewards::None => "none",
+        };
+        let level = match self.level {
+            ImportanceLevel::Token => "token",
+            ImportanceLevel::Sequence => "sequence",
+        };
+        (loss, scale, level)
+    }
+}
+
+fn case(loss_type: LossType, scale: ScaleRewards) -> Case {
+    Case {
+        loss_type,
+        scale,
+        beta: 0.0,
+        bias_correction: true,
+        level: ImportanceLevel::Token,
+    }
+}
+
+/// Each loss type; the KL term to a reference unlike the policy, with and
+/// without TRL's bias correction; GSPO's sequence-level ratio.
 #[test]
 fn one_step_matches_trl_grpo_trainer() {
     let cases = [
-        (LossType::Grpo, ScaleRewards::Group, "grpo", "group"),
-        (LossType::Bnpo, ScaleRewards::Group, "bnpo", "group"),
-        (LossType::DrGrpo, ScaleRewards::None, "dr_grpo", "none"),
-        (LossType::Dapo, ScaleRewards::Group, "dapo", "group"),
+        case(LossType::Grpo, ScaleRewards::Group),
+        case(LossType::Bnpo, ScaleRewards::Group),
+        case(LossType::DrGrpo, ScaleRewards::None),
+        case(LossType::Dapo, ScaleRewards::Group),
+        Case {
+            beta: 0.04,
+            ..case(LossType::Dapo, ScaleRewards::Group)
+        },
+        Case {
+            beta: 0.04,
+            bias_correction: false,
+            ..case(LossType::Grpo, ScaleRewards::Group)
+        },
+        Case {
+            level: ImportanceLevel::Sequence,
+            ..case(LossType::Grpo, ScaleRewards::Group)
+        },
     ];
-    for (loss_type, scale, trl_loss, trl_scale) in cases {
+    for c in cases {
         let tmp = tempfile::tempdir().unwrap();
         let policy = support::tiny_policy(WORDS, 3);
         let eos = policy.tokenizer.eos_id();
         policy.save(&tmp.path().join("model")).unwrap();
+        // The reference differs from the policy, so the KL term and its
+        // gradient are not zero.
+        let reference = (c.beta > 0.0).then(|| {
+            let r = support::tiny_policy(WORDS, 4);
+            r.save(&tmp.path().join("ref")).unwrap();
+            r
+        });
         let (prompts, completions, rewards) = batch(eos);
-        let spec = serde_json::json!({
+        let (trl_loss, trl_scale, trl_level) = c.trl_names();
+        let mut spec = serde_json::json!({
             "model_dir": tmp.path().join("model"),
             "trainer": "grpo",
             "config": {
                 "loss_type": trl_loss,
                 "scale_rewards": trl_scale,
-                "beta": 0.0,
+                "beta": c.beta,
+                "use_bias_correction_kl": c.bias_correction,
+                "importance_sampling_level": trl_level,
                 "epsilon": 0.2,
                 "learning_rate": LR,
                 "lr_scheduler_type": "constant",
@@ -125,12 +202,18 @@ fn one_step_matches_trl_grpo_trainer() {
             "shuffle_batch": false,
             "dump_token_level": false,
         });
+        if reference.is_some() {
+            spec["ref_model_dir"] = serde_json::json!(tmp.path().join("ref"));
+        }
         let trl = peer(tmp.path(), &spec);
-        let what = format!("{trl_loss}, scale_rewards {trl_scale}");
+        let what = format!(
+            "{trl_loss}, scale_rewards {trl_scale}, beta {}, bias correction {}, {trl_level} level",
+            c.beta, c.bias_correction
+        );
 
         let adv: Vec<f32> = rewards
             .chunks(4)
-            .flat_map(|g| advantages(g, scale))
+            .flat_map(|g| normalise(g, c.scale))
             .collect();
         for (a, b) in adv.iter().zip(floats(&trl["advantages"])) {
             assert!(
@@ -139,20 +222,38 @@ fn one_step_matches_trl_grpo_trainer() {
             );
         }
         let cfg = GrpoConfig {
-            loss_type,
+            loss_type: c.loss_type,
+            beta: c.beta,
+            use_bias_correction_kl: c.bias_correction,
+            importance_sampling_level: c.level,
             ..GrpoConfig::default()
         };
-        let (loss, norm) = medzero_step(&policy, &prompts, &completions, &adv, &cfg);
-        let trl_loss_v = trl["loss"].as_f64().unwrap();
-        let trl_norm = trl["grad_norm"].as_f64().unwrap();
-        assert!(
-            (loss - trl_loss_v).abs() < 1e-5,
-            "{what}: loss {loss} vs TRL {trl_loss_v}"
+        let step = medzero_step(
+            &policy,
+            reference.as_ref(),
+            &prompts,
+            &completions,
+            &adv,
+            &cfg,
         );
-        assert!(
-            (norm - trl_norm).abs() < 1e-4 * trl_norm.max(1.0),
-            "{what}: grad norm {norm} vs TRL {trl_norm}"
-        );
+        let close = |name: &str, ours: f64, tol: f64| {
+            let theirs = trl[name]
+                .as_f64()
+                .unwrap_or_else(|| panic!("TRL logged no {name}"));
+            assert!(
+                (ours - theirs).abs() < tol * theirs.abs().max(1.0),
+                "{what}: {name} {ours} vs TRL {theirs}"
+            );
+        };
+        close("loss", step.loss, 1e-5);
+        close("grad_norm", step.norm, 1e-4);
+        close("entropy", step.out.entropy, 1e-5);
+        close("clip_ratio/low_mean", step.out.clip_low, 1e-6);
+        close("clip_ratio/high_mean", step.out.clip_high, 1e-6);
+        close("clip_ratio/region_mean", step.out.clip_region, 1e-6);
+        if c.beta > 0.0 {
+            close("kl", step.out.kl.unwrap(), 1e-5);
+        }
         let params = trl["params"].as_object().unwrap();
         let mut worst = 0.0f64;
         for (name, p) in policy.named_parameters() {
@@ -229,4 +330,188 @@ lr = 1e-3
         after
     };
     assert_eq!(weights("a"), weights("b"), "same seed, other weights");
+}
+
+/// The trajectories a stage stored, grouped by problem in order.
+fn stored_groups(stage: &Path) -> Vec<Vec<Trajectory>> {
+    let text = std::fs::read_to_string(stage.join("trajectories.jsonl")).unwrap();
+    let mut groups: Vec<Vec<Trajectory>> = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let t: Trajectory = serde_json::from_str(line).unwrap();
+        match groups.last_mut() {
+            Some(g) if g[0].problem_id == t.problem_id => g.push(t),
+            _ => groups.push(vec![t]),
+        }
+    }
+    groups
+}
+
+/// Process advantages through the CLI on a tiny world: a search, a PRM on
+/// it, then GRPO with the PRM's step scores and GRPO on the trees' leaves.
+/// Each stored completion's advantages must be exactly what its group's
+/// step scores or tree values give, token by token, with the steps found
+/// in the ids matching the steps the PRM reads from the text.
+#[test]
+fn process_advantages_are_the_prm_scores_and_tree_values_of_each_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"[run]
+name = "p"
+threads = 1
+{}
+[[stages]]
+kind = "distill_chains"
+name = "chains"
+[stages.sft]
+epochs = 60
+batch_size = 8
+lr = 3e-3
+warmup_ratio = 0.0
+checkpoint_every = 0
+
+[[stages]]
+kind = "meds3_search"
+name = "mcts"
+init = "chains"
+[stages.mcts]
+max_nodes = 8
+rollout_budget = 4
+min_rollouts = 2
+[stages.generation]
+step_max_tokens = 32
+rollout_max_tokens = 96
+
+[[stages]]
+kind = "meds3_prm"
+name = "prm"
+init = "chains"
+data = ["mcts"]
+balance = false
+[stages.sft]
+epochs = 2
+batch_size = 8
+
+[[stages]]
+kind = "grpo"
+name = "grpo-prm"
+init = "chains"
+advantage = "prm"
+prm = "prm"
+[stages.sampling]
+samples = 4
+max_new_tokens = 96
+[stages.learner]
+batch_size = 8
+lr = 1e-4
+
+[[stages]]
+kind = "grpo"
+name = "grpo-mcts"
+init = "chains"
+advantage = "mcts"
+[stages.sampling]
+samples = 4
+[stages.mcts]
+max_nodes = 8
+rollout_budget = 4
+min_rollouts = 2
+[stages.generation]
+step_max_tokens = 32
+rollout_max_tokens = 96
+[stages.learner]
+batch_size = 8
+lr = 1e-4
+"#,
+        support::TINY_WORLD
+    );
+    let config = support::write_config(tmp.path(), &text);
+    let o = support::medzero(&["run", &config]);
+    assert!(o.status.success(), "{}", support::stderr(&o));
+    let run = tmp.path().join("runs/p/stages");
+    let student = Policy::load(&run.join("0-chains/model"), tch::Device::Cpu, None).unwrap();
+    let tok = &student.tokenizer;
+
+    // PRM: the pooled step scores of a group, normalised, summed from each
+    // token's step on.
+    let mut prm_steps = 0;
+    for group in stored_groups(&run.join("3-grpo-prm")) {
+        let pooled: Vec<f32> = group.iter().flat_map(|t| t.values.clone()).collect();
+        let mut norm = normalise(&pooled, ScaleRewards::Group).into_iter();
+        for t in &group {
+            let s = steps(tok, &t.tokens).unwrap();
+            let text = tok.decode(&t.tokens).unwrap();
+            assert_eq!(
+                s.texts,
+                response_steps(&text),
+                "{}: steps in ids vs text",
+                t.id
+            );
+            prm_steps += s.texts.len();
+            let step_adv: Vec<f32> = norm.by_ref().take(s.texts.len()).collect();
+            for (i, (&k, &a)) in s.of_token.iter().zip(&t.advantages).enumerate() {
+                let want: f32 = step_adv[k.saturating_sub(1).min(step_adv.len())..]
+                    .iter()
+                    .sum();
+                assert!(
+                    (a - want).abs() < 1e-5,
+                    "{}: token {i} (step {k}): {a} vs {want}",
+                    t.id
+                );
+            }
+        }
+    }
+    assert!(prm_steps > 0, "no completion had a step");
+
+    // Tree: each step's value minus its parent's; the opening sentence 0.
+    let mut leaves = 0;
+    for group in stored_groups(&run.join("4-grpo-mcts")) {
+        for t in group.iter().filter(|t| !t.tokens.is_empty()) {
+            leaves += 1;
+            let root = t.meta["root_value"].as_f64().unwrap() as f32;
+            let ends: Vec<usize> = serde_json::from_value(t.meta["ends"].clone()).unwrap();
+            assert_eq!(ends.len(), t.values.len() + 1, "{}", t.id);
+            assert_eq!(
+                *ends.last().unwrap() + 1,
+                t.tokens.len(),
+                "{}: the end of turn",
+                t.id
+            );
+            assert_eq!(
+                *t.tokens.last().unwrap(),
+                tok.end_of_turn_id(PromptTemplate::Plain)
+            );
+            // The ids of the opening sentence and of each step decode to them.
+            assert!(
+                tok.decode(&t.tokens[..ends[0]])
+                    .unwrap()
+                    .starts_with("Let's"),
+                "{}",
+                t.id
+            );
+            for (i, &a) in t.advantages.iter().enumerate() {
+                let node = ends.iter().filter(|&&e| e <= i).count().min(t.values.len());
+                let want = match node {
+                    0 => 0.0,
+                    1 => t.values[0] - root,
+                    k => t.values[k - 1] - t.values[k - 2],
+                };
+                assert!(
+                    (a - want).abs() < 1e-6,
+                    "{}: token {i} (node {node}): {a} vs {want}",
+                    t.id
+                );
+            }
+        }
+    }
+    assert!(leaves > 0, "no tree had a finished leaf");
+    for stage in ["3-grpo-prm", "4-grpo-mcts"] {
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join(stage).join("report.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            report["counters"]["trained"].as_u64().unwrap() > 0,
+            "{stage}: {report}"
+        );
+    }
 }

@@ -26,7 +26,7 @@ fn traj(i: usize) -> Trajectory {
         answer: (!i.is_multiple_of(3)).then(|| "B".to_string()),
         reward: i as f32 * 0.25 - 1.0,
         values: vec![0.5, i as f32 / 3.0],
-        advantage: None,
+        advantages: Vec::new(),
         policy_version: i as u64,
         provenance: Provenance {
             producer: format!("actor-{}", i % 4),
@@ -384,7 +384,7 @@ fn append_rate() -> TestResult {
         answer: Some("A".into()),
         reward: 1.0,
         values: Vec::new(),
-        advantage: None,
+        advantages: Vec::new(),
         policy_version: 1,
         provenance: Provenance {
             producer: "actor-0".into(),

@@ -187,10 +187,11 @@ pub struct Trajectory {
     /// Per-step values (MCTS values, PRM scores); empty when not computed.
     #[serde(default)]
     pub values: Vec<f32>,
-    /// The completion's advantage, for policy-gradient stages: computed
-    /// from its group of samples when they were drawn.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub advantage: Option<f32>,
+    /// The advantage of each of `tokens`, for policy-gradient stages:
+    /// computed from the completion's group when it was drawn (one value
+    /// repeated for an outcome advantage, per step for a process one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advantages: Vec<f32>,
     pub policy_version: u64,
     pub provenance: Provenance,
     /// The generated completion's token ids, when a policy made it: learners

@@ -1,57 +1,26 @@
-//! GRPO's actor side: G samples of a problem form its group, and each
-//! completion's advantage is its reward against the group's (arXiv
-//! 2402.03300), computed where the whole group is at hand, so a learner
-//! batch that splits a group still trains each completion on its own
-//! group's baseline.
+//! GRPO's actor side: a problem's group of completions, with the per-token
+//! advantages an [`Advantage`] gives them, computed where the whole group is
+//! at hand, so a learner batch that splits a group still trains each
+//! completion on its own group's baseline. The group is either G samples of
+//! the prompt ([`GroupSampler`], arXiv 2402.03300) or G finished leaves of
+//! one MedS3 search tree ([`TreeGroup`], TreeRL's tree-sampled group, arXiv
+//! 2506.11902).
 
+use super::advantage::{Advantage, TreeLeaf};
+use super::mcts::{NodeId, Tree};
+use super::meds3::MctsRollout;
 use super::sampling::Sampler;
 use crate::runtime::actor::{Rolled, Rollout};
-use anyhow::Result;
-use medzero_envs::Problem;
+use anyhow::{Result, ensure};
+use medzero_envs::{Problem, Provenance, Step, Trajectory, verify};
 use medzero_policies::Policy;
 use medzero_rewards::Reward;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
-/// How a group's rewards become advantages (TRL's `scale_rewards`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScaleRewards {
-    /// (r − mean) / (std + 1e-4), std with Bessel's correction, as TRL.
-    #[default]
-    Group,
-    /// r − mean (Dr. GRPO, arXiv 2503.20783: no per-question difficulty bias).
-    None,
-}
-
-/// Each reward against its group's: `rewards` is one group.
-pub fn advantages(rewards: &[f32], scale: ScaleRewards) -> Vec<f32> {
-    let g = rewards.len();
-    if g == 0 {
-        return Vec::new();
-    }
-    let mean = rewards.iter().map(|&r| r as f64).sum::<f64>() / g as f64;
-    let denom = match scale {
-        ScaleRewards::None => 1.0,
-        ScaleRewards::Group => {
-            let var = rewards
-                .iter()
-                .map(|&r| (r as f64 - mean).powi(2))
-                .sum::<f64>()
-                / (g.max(2) - 1) as f64;
-            var.sqrt() + 1e-4
-        }
-    };
-    rewards
-        .iter()
-        .map(|&r| ((r as f64 - mean) / denom) as f32)
-        .collect()
-}
-
-/// [`Sampler`]'s G samples of a problem, each with its group advantage.
+/// [`Sampler`]'s G samples of a problem, with their advantages.
 pub struct GroupSampler<R: Reward> {
     pub sampler: Sampler<R>,
-    pub scale: ScaleRewards,
+    pub advantage: Box<dyn Advantage>,
 }
 
 impl<R: Reward> Rollout for GroupSampler<R> {
@@ -61,29 +30,152 @@ impl<R: Reward> Rollout for GroupSampler<R> {
 
     fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
         let mut rolled = self.sampler.rollout(policy, problem, rng)?;
-        let rewards: Vec<f32> = rolled.trajectories.iter().map(|t| t.reward).collect();
-        for (t, a) in rolled
-            .trajectories
-            .iter_mut()
-            .zip(advantages(&rewards, self.scale))
-        {
-            t.advantage = Some(a);
-        }
+        self.advantage
+            .assign(policy, problem, &mut rolled.trajectories)?;
         Ok(rolled)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One MedS3 search per problem, whose finished leaves are the group: each
+/// leaf's chain is a completion (the ids of the text the search continued
+/// from, ended with the end of turn), its reward the verifier's, its values
+/// the tree's. `group` leaves are taken, correct and wrong in turn, repeating
+/// leaves when the tree has fewer; a tree without a finished leaf gives
+/// completions without ids, which no objective trains on.
+pub struct TreeGroup {
+    pub search: MctsRollout,
+    pub group: usize,
+    pub advantage: Box<dyn Advantage>,
+}
 
-    #[test]
-    fn advantages_are_trl_group_scaled() {
-        // TRL: mean 0.5, Bessel std sqrt(1/3), epsilon 1e-4 on the std.
-        let a = advantages(&[1.0, 0.0, 1.0, 0.0], ScaleRewards::Group);
-        let want = 0.5 / ((1.0f64 / 3.0).sqrt() + 1e-4);
-        assert!((a[0] as f64 - want).abs() < 1e-6 && (a[1] as f64 + want).abs() < 1e-6);
-        assert_eq!(advantages(&[1.0, 1.0], ScaleRewards::Group), vec![0.0, 0.0]);
-        assert_eq!(advantages(&[1.0, 0.0], ScaleRewards::None), vec![0.5, -0.5]);
+impl TreeGroup {
+    /// `group` finished leaves, correct and wrong alternating.
+    fn pick(&self, tree: &Tree) -> Vec<NodeId> {
+        let finished = |correct: bool| {
+            tree.leaves()
+                .filter(move |&l| tree.nodes[l].finished && tree.nodes[l].correct == correct)
+                .collect::<Vec<_>>()
+        };
+        let (pos, neg) = (finished(true), finished(false));
+        let mut order = Vec::with_capacity(pos.len() + neg.len());
+        for k in 0..pos.len().max(neg.len()) {
+            order.extend(pos.get(k));
+            order.extend(neg.get(k));
+        }
+        if order.is_empty() {
+            return Vec::new();
+        }
+        (0..self.group).map(|k| order[k % order.len()]).collect()
+    }
+
+    fn leaf(
+        &self,
+        policy: &Policy,
+        problem: &Problem,
+        tree: &Tree,
+        leaf: NodeId,
+        id: String,
+    ) -> Result<Trajectory> {
+        let template = self.search.template;
+        let prompt = template.render(&problem.prompt_text());
+        let prompt_ids = policy.tokenizer.encode(&prompt)?;
+        let full = policy
+            .tokenizer
+            .encode(&format!("{prompt}{}", tree.render_path(leaf)))?;
+        ensure!(
+            full.starts_with(&prompt_ids),
+            "{id}: the prompt's ids are not a prefix of the chain's"
+        );
+        let mut tokens = full[prompt_ids.len()..].to_vec();
+        tokens.push(policy.tokenizer.end_of_turn_id(template));
+        let path = &tree.path(leaf)[1..];
+        // Where each node's tokens end: the ids of the text up to it, as the
+        // search continued from them.
+        let mut ends = vec![
+            policy
+                .tokenizer
+                .encode(&format!("{prompt}{}", tree.render_path(0)))?
+                .len()
+                - prompt_ids.len(),
+        ];
+        for &n in path {
+            let upto = policy
+                .tokenizer
+                .encode(&format!("{prompt}{}", tree.render_path(n)))?;
+            ensure!(
+                full.starts_with(&upto),
+                "{id}: the ids of a chain's prefix are not a prefix of its ids"
+            );
+            ends.push(upto.len() - prompt_ids.len());
+        }
+        let values = path.iter().map(|&n| tree.nodes[n].value as f32).collect();
+        let steps: Vec<Step> = path
+            .iter()
+            .map(|&n| Step::new(tree.nodes[n].text.clone()))
+            .collect();
+        Ok(Trajectory {
+            id,
+            problem_id: problem.id.clone(),
+            answer: steps.last().and_then(|s| verify::extract_answer(&s.text)),
+            reward: tree.nodes[leaf].correct as u8 as f32,
+            steps,
+            values,
+            advantages: Vec::new(),
+            policy_version: 0,
+            provenance: Provenance {
+                producer: String::new(),
+                stage: String::new(),
+                saw_gold: true,
+            },
+            tokens,
+            logprobs: Vec::new(),
+            meta: serde_json::to_value(TreeLeaf {
+                root_value: tree.nodes[0].value,
+                nodes: tree.nodes.len(),
+                ends,
+            })?,
+        })
+    }
+}
+
+impl Rollout for TreeGroup {
+    fn ids(&self, problem: &Problem) -> Vec<String> {
+        (0..self.group)
+            .map(|k| format!("{}/t{k:03}", problem.id))
+            .collect()
+    }
+
+    fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
+        let (tree, model) = self.search.search(policy, problem, rng)?;
+        let generated_tokens = model.generated;
+        let picked = self.pick(&tree);
+        let mut trajectories = Vec::with_capacity(self.group);
+        for (k, id) in self.ids(problem).into_iter().enumerate() {
+            trajectories.push(match picked.get(k) {
+                Some(&leaf) => self.leaf(policy, problem, &tree, leaf, id)?,
+                None => Trajectory {
+                    id,
+                    problem_id: problem.id.clone(),
+                    steps: Vec::new(),
+                    answer: None,
+                    reward: 0.0,
+                    values: Vec::new(),
+                    advantages: Vec::new(),
+                    policy_version: 0,
+                    provenance: Provenance::default(),
+                    tokens: Vec::new(),
+                    logprobs: Vec::new(),
+                    meta: serde_json::Value::Null,
+                },
+            });
+        }
+        if !picked.is_empty() {
+            self.advantage.assign(policy, problem, &mut trajectories)?;
+        }
+        Ok(Rolled {
+            trajectories,
+            generated_tokens,
+            reward_failures: 0,
+        })
     }
 }

@@ -393,6 +393,20 @@ fn step_numbers(text: &str) -> Vec<usize> {
         .collect()
 }
 
+impl MctsRollout {
+    /// The search tree of `problem`, and the step model's counts.
+    pub fn search<'a>(
+        &'a self,
+        policy: &'a Policy,
+        problem: &Problem,
+        rng: &'a mut ChaCha8Rng,
+    ) -> Result<(Tree, PolicySteps<'a>)> {
+        let mut model = PolicySteps::new(policy, &self.generation, self.template, problem, rng);
+        let tree = mcts::search(problem, &self.mcts, &mut model, self.iteration)?;
+        Ok((tree, model))
+    }
+}
+
 /// One search per problem, as an actor rollout: the trajectory holds the
 /// tree's MedS3 record ([`SearchMeta`]) and, as its chain, the best correct
 /// leaf (or the best leaf).
@@ -409,8 +423,7 @@ impl Rollout for MctsRollout {
     }
 
     fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
-        let mut model = PolicySteps::new(policy, &self.generation, self.template, problem, rng);
-        let tree = mcts::search(problem, &self.mcts, &mut model, self.iteration)?;
+        let (tree, model) = self.search(policy, problem, rng)?;
         let record = Meds3Record::from_tree(problem, &tree);
         let best = record
             .pos
@@ -431,7 +444,7 @@ impl Rollout for MctsRollout {
                 .map(|l| l.chain.iter().map(|s| s.value as f32).collect())
                 .unwrap_or_default(),
             steps,
-            advantage: None,
+            advantages: Vec::new(),
             policy_version: 0,
             provenance: Provenance {
                 producer: String::new(),

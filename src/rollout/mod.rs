@@ -4,8 +4,10 @@
 //! preference pairs); [`mcts`]: MedS3's step-level tree search, independent
 //! of the model; [`meds3`]: that search driven by a policy with KV reuse
 //! down the tree; [`medcritical`]: attempts with their self-corrections;
-//! [`grpo`]: a group of samples, each with its group advantage.
+//! [`grpo`]: a group of samples or of one tree's leaves, with the per-token
+//! advantages of [`advantage`].
 
+pub mod advantage;
 pub mod grpo;
 pub mod mcts;
 pub mod medcritical;

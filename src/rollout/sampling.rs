@@ -117,7 +117,7 @@ impl<R: Reward> Rollout for Sampler<R> {
                 reward,
                 steps: parse_chain(&g.text),
                 values: Vec::new(),
-                advantage: None,
+                advantages: Vec::new(),
                 policy_version: 0,
                 provenance: Provenance::default(),
                 tokens: g.tokens,

@@ -1,18 +1,36 @@
-//! GRPO (arXiv 2402.03300) as an online stage: actors draw a group of G
-//! samples per training problem with the current policy, the rule verifier
-//! scores them and each gets its group advantage; the learner takes
-//! clipped policy-gradient steps on them (TRL's loss types) and publishes
-//! the new weights back to the actors.
+//! GRPO (arXiv 2402.03300) as an online stage: actors draw a group per
+//! training problem with the current policy (G samples, or G leaves of one
+//! MedS3 search tree), the rule verifier scores them and each token gets its
+//! advantage (outcome, PRM process rewards or tree values); the learner
+//! takes clipped policy-gradient steps on them (TRL's loss types) and
+//! publishes the new weights back to the actors.
 
 use super::rejection_sampling::{OnlineRun, RewardKind, judge, reward};
 use super::{Stage, StageCtx, StageOutput, required};
-use crate::rollout::grpo::{GroupSampler, ScaleRewards};
+use crate::rollout::advantage::{Advantage, Outcome, ProcessPrm, ScaleRewards, TreeValues};
+use crate::rollout::grpo::{GroupSampler, TreeGroup};
+use crate::rollout::mcts::MctsConfig;
+use crate::rollout::meds3::{MctsRollout, StepGeneration};
 use crate::rollout::sampling::{Sampler, SamplingConfig};
-use crate::runtime::{LearnerConfig, RuntimeConfig};
+use crate::runtime::{LearnerConfig, Rollout, RuntimeConfig};
 use crate::train::grpo::{GrpoConfig, GrpoObjective};
 use anyhow::{Context, Result, bail};
 use medzero_policies::Policy;
+use medzero_rewards::Prm;
 use serde::{Deserialize, Serialize};
+
+/// What a token's advantage is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageKind {
+    /// The group-normalised reward on every token.
+    #[default]
+    Outcome,
+    /// DeepSeekMath's process supervision with the PRM of stage `prm`.
+    Prm,
+    /// V(step) − V(parent) over the leaves of one search tree per problem.
+    Mcts,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,10 +40,17 @@ pub struct GrpoStage {
     pub init: String,
     /// Training problems used, from the start of the train split (0: all).
     pub problems: usize,
-    /// The group: `samples` completions per problem.
+    /// The group: `samples` completions per problem (tree leaves with
+    /// `advantage = "mcts"`); the other fields set sampling.
     pub sampling: SamplingConfig,
     pub reward: RewardKind,
     pub scale_rewards: ScaleRewards,
+    pub advantage: AdvantageKind,
+    /// The `meds3_prm` stage whose PRM scores steps (`advantage = "prm"`).
+    pub prm: Option<String>,
+    /// The search of `advantage = "mcts"`.
+    pub mcts: MctsConfig,
+    pub generation: StepGeneration,
     pub grpo: GrpoConfig,
     pub runtime: RuntimeConfig,
     pub learner: LearnerConfig,
@@ -43,6 +68,10 @@ impl Default for GrpoStage {
             },
             reward: RewardKind::Rule,
             scale_rewards: ScaleRewards::Group,
+            advantage: AdvantageKind::Outcome,
+            prm: None,
+            mcts: MctsConfig::default(),
+            generation: StepGeneration::default(),
             grpo: GrpoConfig::default(),
             runtime: RuntimeConfig::default(),
             learner: LearnerConfig {
@@ -59,7 +88,9 @@ impl Stage for GrpoStage {
     }
 
     fn refs(&self) -> Vec<&str> {
-        vec![self.init.as_str()]
+        std::iter::once(self.init.as_str())
+            .chain(self.prm.as_deref())
+            .collect()
     }
 
     fn runtime(&self) -> Option<&RuntimeConfig> {
@@ -75,6 +106,25 @@ impl Stage for GrpoStage {
                 self.sampling.samples
             );
         }
+        match (self.advantage, &self.prm) {
+            (AdvantageKind::Prm, None) => {
+                bail!("advantage = \"prm\" needs `prm`, the meds3_prm stage whose PRM scores steps")
+            }
+            (AdvantageKind::Outcome | AdvantageKind::Mcts, Some(p)) => bail!(
+                "`prm = {p:?}` is only read with advantage = \"prm\", not {:?}",
+                self.advantage
+            ),
+            _ => {}
+        }
+        if self.advantage == AdvantageKind::Mcts {
+            if self.reward != RewardKind::Rule {
+                bail!(
+                    "advantage = \"mcts\" scores leaves with the rule verifier: reward must be \"rule\""
+                );
+            }
+            self.mcts.validate().context("mcts")?;
+            self.generation.validate().context("generation")?;
+        }
         self.grpo.validate().context("grpo")?;
         self.learner.validate().context("learner")
     }
@@ -83,21 +133,58 @@ impl Stage for GrpoStage {
         let init = ctx.model(&self.init)?;
         let policy = Policy::load(&init.dir, ctx.run.device, None)?;
         let problems = ctx.train_problems(self.problems, 0);
+        let reference = (self.grpo.beta > 0.0)
+            .then(|| Policy::load(&init.dir, ctx.run.device, None))
+            .transpose()?;
+        let max_completion = match self.advantage {
+            AdvantageKind::Mcts => self.generation.rollout_max_tokens,
+            _ => self.sampling.max_new_tokens,
+        };
         let mut objective = GrpoObjective::new(
             &policy,
             problems,
             ctx.run.template,
             self.grpo.clone(),
-            self.sampling.max_new_tokens,
+            max_completion,
+            reference,
         )?;
+        let advantage: Box<dyn Advantage> = match self.advantage {
+            AdvantageKind::Outcome => Box::new(Outcome {
+                scale: self.scale_rewards,
+            }),
+            AdvantageKind::Prm => {
+                let dir = ctx.model(self.prm.as_deref().unwrap_or_default())?.dir;
+                let prms = (0..self.runtime.actors.max(1))
+                    .map(|_| Ok(std::sync::Mutex::new(Prm::load(&dir, ctx.run.device)?)))
+                    .collect::<Result<_>>()?;
+                Box::new(ProcessPrm {
+                    prms,
+                    template: ctx.run.template,
+                    scale: self.scale_rewards,
+                })
+            }
+            AdvantageKind::Mcts => Box::new(TreeValues),
+        };
         let judge = judge(ctx, self.reward)?;
-        let rollout = GroupSampler {
-            sampler: Sampler {
-                cfg: self.sampling.clone(),
-                template: ctx.run.template,
-                reward: reward(&judge),
-            },
-            scale: self.scale_rewards,
+        let rollout: Box<dyn Rollout + '_> = match self.advantage {
+            AdvantageKind::Mcts => Box::new(TreeGroup {
+                search: MctsRollout {
+                    mcts: self.mcts.clone(),
+                    generation: self.generation.clone(),
+                    template: ctx.run.template,
+                    iteration: 0,
+                },
+                group: self.sampling.samples,
+                advantage,
+            }),
+            _ => Box::new(GroupSampler {
+                sampler: Sampler {
+                    cfg: self.sampling.clone(),
+                    template: ctx.run.template,
+                    reward: reward(&judge),
+                },
+                advantage,
+            }),
         };
         let run = OnlineRun {
             init: &init,
@@ -105,6 +192,6 @@ impl Stage for GrpoStage {
             runtime: &self.runtime,
             learner: &self.learner,
         };
-        run.train(ctx, problems, &rollout, &mut objective)
+        run.train(ctx, problems, rollout.as_ref(), &mut objective)
     }
 }

@@ -6,17 +6,20 @@
 //! over the optimizer step's batch; with one micro-batch per step, as the
 //! learner takes, it equals `bnpo`, as in TRL).
 //!
-//! Per completion token: ρ = exp(ℓ − ℓ_old) and
-//! loss = −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), where A is the
-//! completion's advantage (computed from its group when it was sampled,
-//! [`crate::rollout::grpo`]) and ℓ_old the log-prob under the policy that
+//! Per completion token: ρ = exp(ℓ − ℓ_old) (or, GSPO's sequence level,
+//! arXiv 2507.18071, exp of the completion's mean log-ratio) and
+//! loss = −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) + β·KL, where A is the
+//! token's advantage (computed from its group when it was sampled,
+//! [`crate::rollout::advantage`]) and ℓ_old the log-prob under the policy that
 //! sampled it; without recorded log-probs, ℓ_old = stop-gradient(ℓ) (TRL's
 //! on-policy step: ρ = 1 in value, ∇ℓ in gradient). Log-probs are of the
 //! model's own distribution (temperature 1), those the actors record.
-//! TRL's KL term is not built (its default `beta` is 0).
+//! KL is the k3 estimate exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1 to a frozen
+//! reference, times ρ when `use_bias_correction_kl` (TRL's default:
+//! DeepSeek-V3.2's unbiased reverse-KL gradient).
 
 use crate::runtime::learner::{Objective, ObjectiveLoss};
-use crate::train::sft::{encode_prompts, token_nll};
+use crate::train::sft::encode_prompts;
 use anyhow::{Result, bail};
 use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
@@ -37,6 +40,16 @@ pub enum LossType {
     Dapo,
 }
 
+/// Where the importance ratio is taken (TRL's `importance_sampling_level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceLevel {
+    #[default]
+    Token,
+    /// GSPO: one ratio per completion, exp of its mean token log-ratio.
+    Sequence,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpoConfig {
@@ -45,6 +58,12 @@ pub struct GrpoConfig {
     pub epsilon: f64,
     /// ε_high (DAPO's clip-higher; absent: `epsilon`).
     pub epsilon_high: Option<f64>,
+    /// Weight of the KL term to the frozen initial model (0: no reference
+    /// model is loaded, TRL's default).
+    pub beta: f64,
+    /// Multiply the KL term by the importance ratio (TRL's default).
+    pub use_bias_correction_kl: bool,
+    pub importance_sampling_level: ImportanceLevel,
 }
 
 impl Default for GrpoConfig {
@@ -53,6 +72,9 @@ impl Default for GrpoConfig {
             loss_type: LossType::Dapo,
             epsilon: 0.2,
             epsilon_high: None,
+            beta: 0.0,
+            use_bias_correction_kl: true,
+            importance_sampling_level: ImportanceLevel::Token,
         }
     }
 }
@@ -62,6 +84,7 @@ impl GrpoConfig {
         for (name, v) in [
             ("epsilon", Some(self.epsilon)),
             ("epsilon_high", self.epsilon_high),
+            ("beta", Some(self.beta)),
         ] {
             if let Some(v) = v
                 && !(v.is_finite() && v >= 0.0)
@@ -77,43 +100,56 @@ impl GrpoConfig {
         }
         Ok(())
     }
+
+    fn clip_range(&self) -> (f64, f64) {
+        (
+            1.0 - self.epsilon,
+            1.0 + self.epsilon_high.unwrap_or(self.epsilon),
+        )
+    }
 }
 
-/// One completion to train on: its prompt and completion ids, advantage and
-/// the sampling policy's log-prob of each completion token (empty: unknown).
+/// One completion to train on: its prompt and completion ids, the advantage
+/// of each completion token, and the sampling policy's log-prob of each
+/// (empty: unknown).
 pub struct Sample<'a> {
     pub prompt: &'a [i64],
     pub completion: &'a [i64],
-    pub advantage: f32,
+    pub advantages: &'a [f32],
     pub old_logprobs: &'a [f32],
 }
 
-/// The loss of a batch and what TRL logs beside it.
-pub struct GrpoLoss {
-    pub loss: Tensor,
-    pub completion_tokens: f64,
-    /// Share of completion tokens whose ratio was clipped (TRL's
-    /// `clip_ratio/region_mean`).
-    pub clip_fraction: f64,
+/// A batch laid out as [B, W] grids over next-token positions: ℓ under the
+/// policy, ℓ_old, the completion mask and the advantages. Shared with RLOO.
+pub(crate) struct Scored {
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub logp: Tensor,
+    pub old_logp: Tensor,
+    /// 1 at each completion token's position.
+    pub m: Tensor,
+    pub adv: Tensor,
+    /// Mean entropy of the policy over completion tokens (TRL's `entropy`).
+    pub entropy: f64,
 }
 
-/// The GRPO loss of `batch`; `max_completion` is Dr. GRPO's normaliser (the
-/// generation budget, TRL's `max_completion_length`).
-pub fn loss(
-    policy: &Policy,
-    batch: &[Sample],
-    cfg: &GrpoConfig,
-    max_completion: usize,
-) -> Result<GrpoLoss> {
+pub(crate) fn score(policy: &Policy, batch: &[Sample]) -> Result<Scored> {
     if batch.is_empty() {
-        bail!("grpo: an empty batch");
+        bail!("policy gradient: an empty batch");
     }
-    let device = policy.device();
     for s in batch {
         if s.prompt.is_empty() || s.completion.is_empty() {
-            bail!("grpo: a sample with an empty prompt or completion");
+            bail!("policy gradient: a sample with an empty prompt or completion");
+        }
+        if s.advantages.len() != s.completion.len() {
+            bail!(
+                "policy gradient: {} advantages for {} completion tokens",
+                s.advantages.len(),
+                s.completion.len()
+            );
         }
     }
+    let device = policy.device();
     let seqs: Vec<Vec<i64>> = batch
         .iter()
         .map(|s| [s.prompt, s.completion].concat())
@@ -121,57 +157,152 @@ pub fn loss(
     let (ids, mask) = pad_right_to(&seqs, policy.tokenizer.pad_id(), 16);
     let (rows, width) = (batch.len() as i64, ids.size()[1] - 1);
     // Per position t (predicting token t + 1): whether it is a completion
-    // token, and ℓ_old there: the recorded log-prob where the completion has
-    // them all, else sg(ℓ).
+    // token, its advantage, and ℓ_old there: the recorded log-prob where the
+    // completion has them all, else sg(ℓ).
     let cells = (rows * width) as usize;
-    let (mut target, mut known, mut recorded) =
-        (vec![0f32; cells], vec![0f32; cells], vec![0f32; cells]);
+    let mut grids = [
+        vec![0f32; cells],
+        vec![0f32; cells],
+        vec![0f32; cells],
+        vec![0f32; cells],
+    ];
+    let [target, known, recorded, adv] = &mut grids;
     for (r, s) in batch.iter().enumerate() {
         let at = r * width as usize + s.prompt.len() - 1;
         let span = at..at + s.completion.len();
         target[span.clone()].fill(1.0);
+        adv[span.clone()].copy_from_slice(s.advantages);
         if s.old_logprobs.len() == s.completion.len() {
             known[span.clone()].fill(1.0);
             recorded[span].copy_from_slice(s.old_logprobs);
         }
     }
     let grid = |v: &[f32]| Tensor::from_slice(v).view([rows, width]).to_device(device);
-    let (m, known, recorded) = (grid(&target), grid(&known), grid(&recorded));
-    let logp = -token_nll(policy, &ids.to_device(device), &mask.to_device(device));
+    let [m, known, recorded, adv] = grids.map(|g| grid(&g));
+    let (ids, mask) = (ids.to_device(device), mask.to_device(device));
+    let logits = policy.logits(&ids, &mask).narrow(1, 0, width);
+    let log_probs = logits.log_softmax(-1, Kind::Float);
+    let labels = ids.narrow(1, 1, width);
+    let logp = log_probs
+        .gather(2, &labels.unsqueeze(-1), false)
+        .squeeze_dim(-1);
+    let entropy = tch::no_grad(|| {
+        let h = -(log_probs.exp() * &log_probs).sum_dim_intlist(-1, false, Kind::Float);
+        (h * &m).sum(Kind::Float).double_value(&[]) / m.sum(Kind::Float).double_value(&[]).max(1.0)
+    });
     let old_logp: Tensor = &known * &recorded + (1.0 - &known) * logp.detach();
-    let ratio = (&logp - &old_logp).exp();
-    let adv: Vec<f32> = batch.iter().map(|s| s.advantage).collect();
-    let adv = Tensor::from_slice(&adv).view([rows, 1]).to_device(device);
-    let (lo, hi) = (
-        1.0 - cfg.epsilon,
-        1.0 + cfg.epsilon_high.unwrap_or(cfg.epsilon),
-    );
+    Ok(Scored {
+        ids,
+        mask,
+        logp,
+        old_logp,
+        m,
+        adv,
+        entropy,
+    })
+}
+
+/// ℓ_ref of every position of `s`'s grid under the frozen `reference`.
+pub(crate) fn reference_logp(reference: &Policy, s: &Scored) -> Tensor {
+    tch::no_grad(|| {
+        -crate::train::sft::token_nll(
+            reference,
+            &s.ids.to_device(reference.device()),
+            &s.mask.to_device(reference.device()),
+        )
+        .to_device(s.logp.device())
+    })
+}
+
+/// The loss of a batch and what TRL logs beside it.
+pub struct GrpoLoss {
+    pub loss: Tensor,
+    pub completion_tokens: f64,
+    /// Shares of completion tokens whose ratio was clipped: below 1 − ε with A < 0, above 1 + ε_high with A > 0,
+    /// either (TRL's `clip_ratio/low_mean`, `high_mean`, `region_mean`).
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub clip_region: f64,
+    /// Mean KL estimate over completion tokens (with a reference).
+    pub kl: Option<f64>,
+    pub entropy: f64,
+}
+
+/// The GRPO loss of `batch`; `max_completion` is Dr. GRPO's normaliser (the
+/// generation budget, TRL's `max_completion_length`); `reference` is needed
+/// when `cfg.beta` > 0.
+pub fn loss(
+    policy: &Policy,
+    reference: Option<&Policy>,
+    batch: &[Sample],
+    cfg: &GrpoConfig,
+    max_completion: usize,
+) -> Result<GrpoLoss> {
+    let s = score(policy, batch)?;
+    let (m, adv) = (&s.m, &s.adv);
+    let log_ratio = &s.logp - &s.old_logp;
+    let log_w = match cfg.importance_sampling_level {
+        ImportanceLevel::Token => log_ratio,
+        ImportanceLevel::Sequence => {
+            (log_ratio * m).sum_dim_intlist(1, true, Kind::Float)
+                / m.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0)
+        }
+    };
+    let ratio = log_w.exp();
+    let (lo, hi) = cfg.clip_range();
     let clipped = ratio.clamp(lo, hi);
-    let per_token = -(&ratio * &adv).minimum(&(&clipped * &adv));
-    let masked = &per_token * &m;
-    let tokens = m.sum(Kind::Float);
+    let policy_term = -(&ratio * adv).minimum(&(&clipped * adv));
+    let (per_token, kl_mean) = if cfg.beta > 0.0 {
+        let Some(reference) = reference else {
+            bail!("grpo: beta = {} needs a reference model", cfg.beta);
+        };
+        let d = reference_logp(reference, &s) - &s.logp;
+        let k3 = d.exp() - &d - 1.0;
+        let kl = if cfg.use_bias_correction_kl {
+            k3 * &ratio
+        } else {
+            k3
+        };
+        let mean = masked_mean(&kl.detach(), m);
+        (policy_term + cfg.beta * kl, Some(mean))
+    } else {
+        (policy_term, None)
+    };
+    let masked = &per_token * m;
+    let rows = batch.len() as f64;
     let loss = match cfg.loss_type {
         LossType::Grpo => {
             let per_seq = masked.sum_dim_intlist(1, false, Kind::Float)
                 / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
             per_seq.mean(Kind::Float)
         }
-        LossType::Bnpo | LossType::Dapo => masked.sum(Kind::Float) / tokens.clamp_min(1.0),
-        LossType::DrGrpo => masked.sum(Kind::Float) / (rows as f64 * max_completion as f64),
+        LossType::Bnpo | LossType::Dapo => {
+            masked.sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
+        }
+        LossType::DrGrpo => masked.sum(Kind::Float) / (rows * max_completion as f64),
     };
-    let n = batch.iter().map(|s| s.completion.len()).sum::<usize>() as f64;
     let ratio = ratio.detach();
-    let out_of_range = (ratio.lt(lo).logical_or(&ratio.gt(hi)).to_kind(Kind::Float) * &m)
-        .sum(Kind::Float)
-        .double_value(&[]);
+    let low = ratio.lt(lo).logical_and(&adv.lt(0.0)).to_kind(Kind::Float);
+    let high = ratio.gt(hi).logical_and(&adv.gt(0.0)).to_kind(Kind::Float);
+    let region = low.logical_or(&high).to_kind(Kind::Float);
+    let n = batch.iter().map(|s| s.completion.len()).sum::<usize>() as f64;
     Ok(GrpoLoss {
         loss,
         completion_tokens: n,
-        clip_fraction: out_of_range / n.max(1.0),
+        clip_low: masked_mean(&low, m),
+        clip_high: masked_mean(&high, m),
+        clip_region: masked_mean(&region, m),
+        kl: kl_mean,
+        entropy: s.entropy,
     })
 }
 
-/// GRPO on the trajectories of an online stage: each carries the advantage
+/// The mean of `x` over the completion tokens `m` marks.
+fn masked_mean(x: &Tensor, m: &Tensor) -> f64 {
+    (x * m).sum(Kind::Float).double_value(&[]) / m.sum(Kind::Float).double_value(&[]).max(1.0)
+}
+
+/// GRPO on the trajectories of an online stage: each carries the advantages
 /// its group gave it when it was sampled, its completion ids and their
 /// log-probs under the sampling policy.
 pub struct GrpoObjective {
@@ -179,6 +310,10 @@ pub struct GrpoObjective {
     /// Encoded prompt of each problem, by problem id.
     pub prompts: HashMap<String, Vec<i64>>,
     pub max_completion: usize,
+    /// The frozen initial model of the KL term (with `beta` > 0).
+    pub reference: Option<Policy>,
+    /// A completion not ending with it was cut at `max_completion`.
+    pub end_of_turn: i64,
 }
 
 impl GrpoObjective {
@@ -188,51 +323,129 @@ impl GrpoObjective {
         template: PromptTemplate,
         cfg: GrpoConfig,
         max_completion: usize,
+        reference: Option<Policy>,
     ) -> Result<GrpoObjective> {
+        if cfg.beta > 0.0 && reference.is_none() {
+            bail!("grpo: beta = {} needs a reference model", cfg.beta);
+        }
         Ok(GrpoObjective {
             cfg,
             prompts: encode_prompts(policy, problems, template)?,
             max_completion,
+            reference,
+            end_of_turn: policy.tokenizer.end_of_turn_id(template),
         })
     }
 }
 
+/// One completion per trajectory, with the advantages and old log-probs it
+/// carries.
+pub(crate) fn samples<'a>(
+    prompts: &'a HashMap<String, Vec<i64>>,
+    batch: &'a [Trajectory],
+) -> Vec<Sample<'a>> {
+    batch
+        .iter()
+        .map(|t| Sample {
+            prompt: &prompts[&t.problem_id],
+            completion: &t.tokens,
+            advantages: &t.advantages,
+            old_logprobs: &t.logprobs,
+        })
+        .collect()
+}
+
+/// Whether an online policy-gradient objective can train on `t`.
+pub(crate) fn trainable(prompts: &HashMap<String, Vec<i64>>, t: &Trajectory) -> bool {
+    !t.tokens.is_empty()
+        && t.advantages.len() == t.tokens.len()
+        && prompts.contains_key(&t.problem_id)
+}
+
+/// TRL's batch metrics of the completions themselves: `reward`,
+/// `reward_std` (the mean over groups of the group's std) and
+/// `frac_reward_zero_std`, over the groups the batch holds, and the
+/// completions' `mean_length` and `clipped_ratio` (cut at the budget).
+pub(crate) fn completion_metrics(
+    batch: &[Trajectory],
+    end_of_turn: i64,
+) -> Vec<(&'static str, f64)> {
+    let n = batch.len() as f64;
+    let mut groups: HashMap<&str, Vec<f64>> = HashMap::new();
+    for t in batch {
+        groups
+            .entry(t.problem_id.as_str())
+            .or_default()
+            .push(t.reward as f64);
+    }
+    let stds: Vec<f64> = groups
+        .values()
+        .map(|r| {
+            let mean = r.iter().sum::<f64>() / r.len() as f64;
+            let var =
+                r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (r.len().max(2) - 1) as f64;
+            var.sqrt()
+        })
+        .collect();
+    let g = stds.len() as f64;
+    vec![
+        (
+            "reward",
+            batch.iter().map(|t| t.reward as f64).sum::<f64>() / n,
+        ),
+        ("reward_std", stds.iter().sum::<f64>() / g),
+        (
+            "frac_reward_zero_std",
+            stds.iter().filter(|&&s| s == 0.0).count() as f64 / g,
+        ),
+        (
+            "completions/mean_length",
+            batch.iter().map(|t| t.tokens.len() as f64).sum::<f64>() / n,
+        ),
+        (
+            "completions/clipped_ratio",
+            batch
+                .iter()
+                .filter(|t| t.tokens.last() != Some(&end_of_turn))
+                .count() as f64
+                / n,
+        ),
+    ]
+}
+
 impl Objective for GrpoObjective {
     fn accepts(&self, t: &Trajectory) -> bool {
-        t.advantage.is_some() && !t.tokens.is_empty() && self.prompts.contains_key(&t.problem_id)
+        trainable(&self.prompts, t)
     }
 
     fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss> {
-        let samples: Vec<Sample> = batch
-            .iter()
-            .map(|t| Sample {
-                prompt: &self.prompts[&t.problem_id],
-                completion: &t.tokens,
-                advantage: t.advantage.unwrap_or(0.0),
-                old_logprobs: &t.logprobs,
-            })
-            .collect();
-        let out = loss(policy, &samples, &self.cfg, self.max_completion)?;
-        let n = batch.len() as f64;
-        let reward = batch.iter().map(|t| t.reward as f64).sum::<f64>() / n;
-        let abs_adv = samples
-            .iter()
-            .map(|s| s.advantage.abs() as f64)
-            .sum::<f64>()
-            / n;
+        let samples = samples(&self.prompts, batch);
+        let out = loss(
+            policy,
+            self.reference.as_ref(),
+            &samples,
+            &self.cfg,
+            self.max_completion,
+        )?;
         let tokens = samples
             .iter()
             .map(|s| (s.prompt.len() + s.completion.len()) as u64)
             .sum();
+        let mut metrics = completion_metrics(batch, self.end_of_turn);
+        metrics.extend([
+            ("clip_ratio/low_mean", out.clip_low),
+            ("clip_ratio/high_mean", out.clip_high),
+            ("clip_ratio/region_mean", out.clip_region),
+            ("entropy", out.entropy),
+            ("completion_tokens", out.completion_tokens),
+        ]);
+        if let Some(kl) = out.kl {
+            metrics.push(("kl", kl));
+        }
         Ok(ObjectiveLoss {
             loss: out.loss,
             tokens,
-            metrics: vec![
-                ("reward_mean", reward),
-                ("advantage_abs_mean", abs_adv),
-                ("clip_fraction", out.clip_fraction),
-                ("completion_tokens", out.completion_tokens),
-            ],
+            metrics,
         })
     }
 }
