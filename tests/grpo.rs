@@ -277,11 +277,12 @@ fn one_step_matches_trl_grpo_trainer() {
     }
 }
 
-/// The `grpo` stage end to end through the CLI on a tiny world: it trains
-/// on every sample of every group, changes the weights, and the same seed
-/// gives the same weights.
+/// The `grpo` stage end to end through the CLI on a tiny world, with the KL
+/// term to the frozen init: it trains on every sample of every group,
+/// changes the weights, the same seed gives the same weights, and a run
+/// killed with SIGKILL mid-stage resumes to exactly those weights.
 #[test]
-fn the_grpo_stage_trains_and_is_reproducible() {
+fn the_grpo_stage_trains_is_reproducible_and_resumes_after_sigkill() {
     let tmp = tempfile::tempdir().unwrap();
     let text = format!(
         r#"[run]
@@ -305,6 +306,10 @@ init = "chains"
 samples = 4
 temperature = 0.8
 max_new_tokens = 160
+[stages.grpo]
+beta = 0.04
+[stages.runtime]
+round_size = 2
 [stages.learner]
 batch_size = 8
 lr = 1e-3
@@ -312,24 +317,63 @@ lr = 1e-3
         support::TINY_WORLD
     );
     let config = support::write_config(tmp.path(), &text);
+    let stage = |name: &str| tmp.path().join("runs").join(name).join("stages/1-grpo");
     let weights = |name: &str| {
-        let o = support::medzero(&["run", &config, "--set", &format!("run.name={name}")]);
-        assert!(o.status.success(), "{}", support::stderr(&o));
         let run = tmp.path().join("runs").join(name);
         let report: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("stages/1-grpo/report.json")).unwrap(),
+            &std::fs::read_to_string(stage(name).join("report.json")).unwrap(),
         )
         .unwrap();
         assert_eq!(report["trajectories"], 32, "{report}");
         assert_eq!(report["counters"]["trained"], 32, "{report}");
-        assert!(report["steps"].as_u64().unwrap() >= 4, "{report}");
+        assert_eq!(report["steps"], 4, "{report}");
         let read =
             |stage: &str| std::fs::read(run.join(stage).join("model/model.safetensors")).unwrap();
         let (before, after) = (read("stages/0-chains"), read("stages/1-grpo"));
         assert!(before != after, "GRPO left the weights as they were");
         after
     };
+    let run = |name: &str| {
+        let o = support::medzero(&["run", &config, "--set", &format!("run.name={name}")]);
+        assert!(o.status.success(), "{}", support::stderr(&o));
+        support::stderr(&o)
+    };
+    run("a");
+    run("b");
     assert_eq!(weights("a"), weights("b"), "same seed, other weights");
+
+    // SIGKILL once two of the four rounds are stored and checkpointed.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_medzero"))
+        .args(["run", &config, "--set", "run.name=k"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let state = stage("k").join("checkpoints/latest");
+    loop {
+        let stored = std::fs::read_to_string(stage("k").join("trajectories.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if stored >= 16 && state.exists() {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 120, "the stage never got going");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !stage("k").join("result.json").exists(),
+        "the kill came after the stage finished; nothing was tested"
+    );
+    let err = run("k");
+    assert!(err.contains("resuming from"), "{err}");
+    assert_eq!(weights("k"), weights("a"), "resumed weights differ");
 }
 
 /// The trajectories a stage stored, grouped by problem in order.
