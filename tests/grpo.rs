@@ -1,13 +1,16 @@
-//! GRPO against TRL 1.16's own GRPOTrainer: one optimizer step on the same
-//! checkpoint, prompts, completions and rewards (TRL's generation bypassed by
-//! `tests/support/grpo_peer.py`), for each loss type and reward scaling.
-//! Advantages, the loss, the gradient norm and every updated parameter must
-//! agree.
+//! GRPO and RLOO against TRL 1.16's own GRPOTrainer and RLOOTrainer: one
+//! optimizer step on the same checkpoint, prompts, completions and rewards
+//! (TRL's generation bypassed by `tests/support/grpo_peer.py`), for each
+//! loss type, reward scaling, KL setting and ratio level. Advantages, the
+//! loss, the gradient norm, TRL's metrics and every updated parameter must
+//! agree. Then the stages end to end through the CLI.
 
 mod support;
 
 use medzero::rollout::advantage::{ScaleRewards, normalise, steps};
+use medzero::rollout::rloo as rloo_actor;
 use medzero::train::grpo::{self, GrpoConfig, ImportanceLevel, LossType, Sample};
+use medzero::train::rloo::{self, RlooConfig};
 use medzero_envs::{Trajectory, response_steps};
 use medzero_policies::Policy;
 use medzero_policies::optim::{AdamW, AdamWConfig};
@@ -58,6 +61,29 @@ fn batch(eos: i64) -> (Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<f32>) {
     ];
     let rewards = vec![1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.5];
     (prompts, completions, rewards)
+}
+
+/// Every parameter after the step equals TRL's: AdamW's first step moves
+/// each weight by about lr, so they must agree to 1% of one step.
+fn assert_params_match(policy: &Policy, trl: &serde_json::Value, what: &str) {
+    let params = trl["params"].as_object().unwrap();
+    let mut worst = 0.0f64;
+    for (name, p) in policy.named_parameters() {
+        let Some(theirs) = params.get(&name) else {
+            // A tied lm_head is the embedding: compared under its name.
+            assert!(name.contains("lm_head"), "{what}: TRL has no {name}");
+            continue;
+        };
+        let ours: Vec<f64> =
+            Vec::<f64>::try_from(&p.flatten(0, -1).to_kind(tch::Kind::Double)).unwrap();
+        for (a, b) in ours.iter().zip(floats(theirs)) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(
+        worst < LR * 1e-2,
+        "{what}: parameters differ by up to {worst}"
+    );
 }
 
 struct Step {
@@ -254,27 +280,131 @@ fn one_step_matches_trl_grpo_trainer() {
         if c.beta > 0.0 {
             close("kl", step.out.kl.unwrap(), 1e-5);
         }
-        let params = trl["params"].as_object().unwrap();
-        let mut worst = 0.0f64;
-        for (name, p) in policy.named_parameters() {
-            let Some(theirs) = params.get(&name) else {
-                // A tied lm_head is the embedding: compared under its name.
-                assert!(name.contains("lm_head"), "{what}: TRL has no {name}");
-                continue;
-            };
-            let ours: Vec<f64> =
-                Vec::<f64>::try_from(&p.flatten(0, -1).to_kind(tch::Kind::Double)).unwrap();
-            for (a, b) in ours.iter().zip(floats(theirs)) {
-                worst = worst.max((a - b).abs());
-            }
-        }
-        // AdamW's first step moves each weight by about lr: the parameters
-        // agree to 1% of one step.
-        assert!(
-            worst < LR * 1e-2,
-            "{what}: parameters differ by up to {worst}"
-        );
+        assert_params_match(&policy, &trl, &what);
     }
+}
+
+/// RLOO against TRL 1.16's RLOOTrainer: one step on the same checkpoint,
+/// prompts, completions and rewards, without and with the KL in the reward
+/// (to a reference unlike the policy).
+#[test]
+fn one_step_matches_trl_rloo_trainer() {
+    for beta in [0.0, 0.05] {
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = support::tiny_policy(WORDS, 3);
+        let eos = policy.tokenizer.eos_id();
+        policy.save(&tmp.path().join("model")).unwrap();
+        let reference = support::tiny_policy(WORDS, 4);
+        reference.save(&tmp.path().join("ref")).unwrap();
+        let (prompts, completions, rewards) = batch(eos);
+        let mut spec = serde_json::json!({
+            "model_dir": tmp.path().join("model"),
+            "trainer": "rloo",
+            "config": {
+                "beta": beta,
+                "epsilon": 0.2,
+                "normalize_advantages": false,
+                "learning_rate": LR,
+                "lr_scheduler_type": "constant",
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "max_completion_length": 8,
+                "temperature": 1.0,
+            },
+            "prompts": prompts,
+            "completions": completions,
+            "rewards": rewards,
+            "eos_token_id": eos,
+            "shuffle_batch": false,
+            "dump_token_level": false,
+        });
+        if beta > 0.0 {
+            spec["ref_model_dir"] = serde_json::json!(tmp.path().join("ref"));
+        }
+        let trl = peer(tmp.path(), &spec);
+
+        // The sampling policy's log-probs are the policy's own (one step,
+        // on-policy): Σ_t ℓ_old per completion.
+        let mut adv = Vec::new();
+        for (p, group) in prompts.iter().zip(completions.chunks(4)) {
+            let refs: Vec<&[i64]> = group.iter().map(Vec::as_slice).collect();
+            let old: Vec<Vec<f32>> = group
+                .iter()
+                .map(|c| vec![policy_logp(&policy, p, c)])
+                .collect();
+            let old: Vec<&[f32]> = old.iter().map(Vec::as_slice).collect();
+            let kl = rloo_actor::sequence_kl(&reference, p, &refs, &old).unwrap();
+            let r = &rewards[adv.len()..adv.len() + 4];
+            adv.extend(rloo_actor::advantages(r, &kl, beta));
+        }
+        for (a, b) in adv.iter().zip(floats(&trl["advantages"])) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-5,
+                "beta {beta}: advantage {a} vs TRL {b}"
+            );
+        }
+        let per_token: Vec<Vec<f32>> = completions
+            .iter()
+            .zip(&adv)
+            .map(|(c, &a)| vec![a; c.len()])
+            .collect();
+        let samples: Vec<Sample> = completions
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Sample {
+                prompt: &prompts[i / 4],
+                completion: c,
+                advantages: &per_token[i],
+                old_logprobs: &[],
+            })
+            .collect();
+        let adam = AdamWConfig {
+            lr: LR,
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        };
+        let mut opt = AdamW::new(policy.named_parameters(), adam, AdamW::default_decay).unwrap();
+        let out = rloo::loss(
+            &policy,
+            &samples,
+            &RlooConfig {
+                beta,
+                ..RlooConfig::default()
+            },
+        )
+        .unwrap();
+        let loss = out.loss.double_value(&[]);
+        out.loss.backward();
+        let norm = opt.clip_grad_norm(1.0);
+        opt.step(LR);
+        let close = |name: &str, ours: f64, tol: f64| {
+            let theirs = trl[name]
+                .as_f64()
+                .unwrap_or_else(|| panic!("TRL logged no {name}"));
+            assert!(
+                (ours - theirs).abs() < tol * theirs.abs().max(1.0),
+                "beta {beta}: {name} {ours} vs TRL {theirs}"
+            );
+        };
+        close("loss", loss, 1e-5);
+        close("grad_norm", norm, 1e-4);
+        close("entropy", out.entropy, 1e-5);
+        close("clip_ratio/region_mean", out.clip_region, 1e-6);
+        assert_params_match(&policy, &trl, &format!("beta {beta}"));
+    }
+}
+
+/// Σ over `completion` of the policy's log-prob of each token after `prompt`.
+fn policy_logp(policy: &Policy, prompt: &[i64], completion: &[i64]) -> f32 {
+    let ids: Vec<i64> = [prompt, completion].concat();
+    let n = ids.len() as i64;
+    let marks: Vec<f32> = (0..ids.len())
+        .map(|i| (i >= prompt.len()) as u8 as f32)
+        .collect();
+    let t = tch::Tensor::from_slice(&ids).view([1, n]);
+    let mask = tch::Tensor::ones([1, n], (tch::Kind::Int64, tch::Device::Cpu));
+    let m = tch::Tensor::from_slice(&marks).view([1, n]);
+    tch::no_grad(|| policy.sequence_logprobs(&t, &mask, &m)).double_value(&[0]) as f32
 }
 
 /// The `grpo` stage end to end through the CLI on a tiny world, with the KL
@@ -558,4 +688,67 @@ lr = 1e-4
             "{stage}: {report}"
         );
     }
+}
+
+/// The `rloo` stage through the CLI on a tiny world, with the KL in the
+/// reward: every sample is trained on, the weights move, and the same seed
+/// gives the same weights.
+#[test]
+fn the_rloo_stage_trains_and_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"[run]
+name = "r"
+threads = 1
+{}
+[[stages]]
+kind = "distill_chains"
+name = "chains"
+[stages.sft]
+epochs = 150
+batch_size = 8
+lr = 3e-3
+warmup_ratio = 0.0
+checkpoint_every = 0
+
+[[stages]]
+kind = "rloo"
+init = "chains"
+[stages.sampling]
+samples = 4
+temperature = 0.8
+max_new_tokens = 160
+[stages.rloo]
+beta = 0.05
+[stages.learner]
+batch_size = 8
+lr = 1e-3
+"#,
+        support::TINY_WORLD
+    );
+    let config = support::write_config(tmp.path(), &text);
+    let weights = |name: &str| {
+        let o = support::medzero(&["run", &config, "--set", &format!("run.name={name}")]);
+        assert!(o.status.success(), "{}", support::stderr(&o));
+        let run = tmp.path().join("runs").join(name);
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("stages/1-rloo/report.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["counters"]["trained"], 32, "{report}");
+        let groups = stored_groups(&run.join("stages/1-rloo"));
+        assert!(
+            groups
+                .iter()
+                .flatten()
+                .any(|t| t.advantages.iter().any(|&a| a != 0.0)),
+            "every advantage is 0: nothing was learned from"
+        );
+        let read =
+            |stage: &str| std::fs::read(run.join(stage).join("model/model.safetensors")).unwrap();
+        let (before, after) = (read("stages/0-chains"), read("stages/1-rloo"));
+        assert!(before != after, "RLOO left the weights as they were");
+        after
+    };
+    assert_eq!(weights("a"), weights("b"), "same seed, other weights");
 }

@@ -22,6 +22,7 @@ pub mod medthink;
 pub mod preference;
 pub mod registry;
 pub mod rejection_sampling;
+pub mod rloo;
 
 use crate::infra::monitor::Metrics;
 use crate::infra::results::Row;

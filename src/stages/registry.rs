@@ -60,6 +60,8 @@ registry! {
     RejectionSampling(rejection_sampling::RejectionSamplingStage) = "rejection_sampling",
     /// GRPO: group-relative policy-gradient RL on the actor/learner runtime.
     Grpo(grpo::GrpoStage) = "grpo",
+    /// RLOO: leave-one-out policy-gradient RL on the actor/learner runtime.
+    Rloo(rloo::RlooStage) = "rloo",
     /// Self-iterated DPO (MedCritical's stage 2, and best-vs-worst or MedS3
     /// tree pairs).
     Dpo(preference::DpoStage) = "dpo",

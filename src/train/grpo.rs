@@ -81,24 +81,7 @@ impl Default for GrpoConfig {
 
 impl GrpoConfig {
     pub fn validate(&self) -> Result<()> {
-        for (name, v) in [
-            ("epsilon", Some(self.epsilon)),
-            ("epsilon_high", self.epsilon_high),
-            ("beta", Some(self.beta)),
-        ] {
-            if let Some(v) = v
-                && !(v.is_finite() && v >= 0.0)
-            {
-                bail!("{name} must be a finite number >= 0, got {v}");
-            }
-        }
-        if self.epsilon >= 1.0 {
-            bail!(
-                "epsilon must be below 1 (the ratio's lower clip is 1 - epsilon), got {}",
-                self.epsilon
-            );
-        }
-        Ok(())
+        validate_clip(self.epsilon, self.epsilon_high, self.beta)
     }
 
     fn clip_range(&self) -> (f64, f64) {
@@ -107,6 +90,25 @@ impl GrpoConfig {
             1.0 + self.epsilon_high.unwrap_or(self.epsilon),
         )
     }
+}
+
+/// The clip range and KL weight every clipped policy-gradient loss has.
+pub(crate) fn validate_clip(epsilon: f64, epsilon_high: Option<f64>, beta: f64) -> Result<()> {
+    for (name, v) in [
+        ("epsilon", Some(epsilon)),
+        ("epsilon_high", epsilon_high),
+        ("beta", Some(beta)),
+    ] {
+        if let Some(v) = v
+            && !(v.is_finite() && v >= 0.0)
+        {
+            bail!("{name} must be a finite number >= 0, got {v}");
+        }
+    }
+    if epsilon >= 1.0 {
+        bail!("epsilon must be below 1 (the ratio's lower clip is 1 - epsilon), got {epsilon}");
+    }
+    Ok(())
 }
 
 /// One completion to train on: its prompt and completion ids, the advantage

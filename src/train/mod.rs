@@ -5,12 +5,14 @@
 //! objectives is only the loss of a micro-batch ([`BatchLoss`]).
 //!
 //! The objectives: [`sft`], [`prm`] (MedS3's process reward model), [`dpo`]
-//! (the DPO family) and [`kto`].
+//! (the DPO family) and [`kto`]; the online policy-gradient losses [`grpo`]
+//! and [`rloo`] run on the actor/learner runtime instead.
 
 pub mod dpo;
 pub mod grpo;
 pub mod kto;
 pub mod prm;
+pub mod rloo;
 pub mod sft;
 
 use crate::infra::checkpoint::{Checkpoints, TrainerState};

@@ -1,0 +1,131 @@
+//! RLOO's loss (arXiv 2402.14740, as TRL 1.16's RLOOTrainer): one ratio per
+//! completion, ρ = exp(Σ_t ℓ − Σ_t ℓ_old) over its tokens, and
+//! loss = mean over completions of −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A),
+//! A the completion's leave-one-out advantage (with the KL already in the
+//! reward, [`crate::rollout::rloo`]). ℓ_old as in GRPO: the actors' recorded
+//! log-probs, else stop-gradient(ℓ).
+
+use crate::runtime::learner::{Objective, ObjectiveLoss};
+use crate::train::grpo::{Sample, completion_metrics, samples, score, trainable, validate_clip};
+use crate::train::sft::encode_prompts;
+use anyhow::Result;
+use medzero_envs::{Problem, Trajectory};
+use medzero_policies::Policy;
+use medzero_policies::tokenizer::PromptTemplate;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlooConfig {
+    /// ε_low of the clipped ratio (TRL's `epsilon`).
+    pub epsilon: f64,
+    /// ε_high (absent: `epsilon`).
+    pub epsilon_high: Option<f64>,
+    /// Weight of the KL to the frozen initial model in the reward (TRL's
+    /// default 0.05; 0: no reference model is loaded).
+    pub beta: f64,
+}
+
+impl Default for RlooConfig {
+    fn default() -> Self {
+        RlooConfig {
+            epsilon: 0.2,
+            epsilon_high: None,
+            beta: 0.05,
+        }
+    }
+}
+
+impl RlooConfig {
+    pub fn validate(&self) -> Result<()> {
+        validate_clip(self.epsilon, self.epsilon_high, self.beta)
+    }
+}
+
+/// The loss of a batch and what TRL logs beside it.
+pub struct RlooLoss {
+    pub loss: Tensor,
+    /// Shares of completions whose ratio was clipped (TRL's
+    /// `clip_ratio/low_mean`, `high_mean`, `region_mean`).
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub clip_region: f64,
+    pub entropy: f64,
+}
+
+pub fn loss(policy: &Policy, batch: &[Sample], cfg: &RlooConfig) -> Result<RlooLoss> {
+    let s = score(policy, batch)?;
+    let seq = |x: &Tensor| (x * &s.m).sum_dim_intlist(1, false, Kind::Float);
+    let ratio = (seq(&s.logp) - seq(&s.old_logp)).exp();
+    // The completion's advantage: its tokens share it.
+    let adv = seq(&s.adv) / s.m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
+    let (lo, hi) = (
+        1.0 - cfg.epsilon,
+        1.0 + cfg.epsilon_high.unwrap_or(cfg.epsilon),
+    );
+    let clipped = ratio.clamp(lo, hi);
+    let loss = (-(&ratio * &adv).minimum(&(&clipped * &adv))).mean(Kind::Float);
+    let ratio = ratio.detach();
+    let share = |x: &Tensor| x.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    let low = ratio.lt(lo).logical_and(&adv.lt(0.0));
+    let high = ratio.gt(hi).logical_and(&adv.gt(0.0));
+    Ok(RlooLoss {
+        loss,
+        clip_low: share(&low),
+        clip_high: share(&high),
+        clip_region: share(&low.logical_or(&high)),
+        entropy: s.entropy,
+    })
+}
+
+/// RLOO on the trajectories of an online stage, each carrying its
+/// leave-one-out advantage.
+pub struct RlooObjective {
+    pub cfg: RlooConfig,
+    pub prompts: HashMap<String, Vec<i64>>,
+    pub end_of_turn: i64,
+}
+
+impl RlooObjective {
+    pub fn new(
+        policy: &Policy,
+        problems: &[Problem],
+        template: PromptTemplate,
+        cfg: RlooConfig,
+    ) -> Result<RlooObjective> {
+        Ok(RlooObjective {
+            cfg,
+            prompts: encode_prompts(policy, problems, template)?,
+            end_of_turn: policy.tokenizer.end_of_turn_id(template),
+        })
+    }
+}
+
+impl Objective for RlooObjective {
+    fn accepts(&self, t: &Trajectory) -> bool {
+        trainable(&self.prompts, t)
+    }
+
+    fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss> {
+        let samples = samples(&self.prompts, batch);
+        let out = loss(policy, &samples, &self.cfg)?;
+        let tokens = samples
+            .iter()
+            .map(|s| (s.prompt.len() + s.completion.len()) as u64)
+            .sum();
+        let mut metrics = completion_metrics(batch, self.end_of_turn);
+        metrics.extend([
+            ("clip_ratio/low_mean", out.clip_low),
+            ("clip_ratio/high_mean", out.clip_high),
+            ("clip_ratio/region_mean", out.clip_region),
+            ("entropy", out.entropy),
+        ]);
+        Ok(ObjectiveLoss {
+            loss: out.loss,
+            tokens,
+            metrics,
+        })
+    }
+}
