@@ -58,6 +58,7 @@ def main(model_dir, spec_path):
     secs = best(step, spec["repeats"])
     out["train_tokens_per_s"] = spec["train_steps"] * ids.numel() / secs
     out["trl"], out["dpo_tokens_per_s"] = dpo_tokens_per_s(model_dir, spec)
+    out["grpo_tokens_per_s"] = grpo_tokens_per_s(model_dir, spec, vocab)
     json.dump(out, sys.stdout)
 
 
@@ -105,6 +106,61 @@ def dpo_tokens_per_s(model_dir, spec):
         data = trainer.train_dataset
         per_pair = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data) / len(data)
     return trl.__version__, pairs * per_pair / min(times[1:])
+
+
+def grpo_tokens_per_s(model_dir, spec, vocab):
+    """TRL's GRPOTrainer steps with generation bypassed (fixed completions,
+    fixed rewards): train_batch completions in groups of 8, train_len/2-token
+    prompts and completions, TRL's defaults (dapo, beta 0): prompt+completion
+    tokens per second of the fastest step after the first."""
+    import tempfile
+
+    import trl
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    G, half, steps = 8, spec["train_len"] // 2, spec["train_steps"] + 1
+    B = max(spec["train_batch"], G)
+    P = B // G
+    gen = torch.Generator().manual_seed(3)
+    avoid = set(tok.all_special_ids)
+    def draw(n):
+        ids = torch.randint(5, vocab, (n, half), generator=gen).tolist()
+        return [[t if t not in avoid else 5 for t in row] for row in ids]
+    prompts, completions = draw(P), draw(B)
+    rewards = [float(i % 2) for i in range(B)]
+    times = []
+
+    class Bypass(trl.GRPOTrainer):
+        def _tokenize_prompts(self, prompts_text):
+            return [prompts[i // G] for i in range(B)], None, {}
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            return [list(c) for c in completions], None
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    def fixed_reward(completions=None, **kw):
+        return list(rewards)
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = trl.GRPOConfig(output_dir=d, per_device_train_batch_size=B, num_generations=G, max_steps=steps,
+                             learning_rate=1e-4, lr_scheduler_type="constant", max_completion_length=half,
+                             report_to="none", save_strategy="no", disable_tqdm=True, logging_strategy="no",
+                             use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+                             dataloader_num_workers=0, shuffle_dataset=False, model_init_kwargs={"dtype": "float32"})
+        trainer = Bypass(model=model_dir, reward_funcs=fixed_reward, args=cfg,
+                         train_dataset=Dataset.from_dict({"prompt": [f"p{i}" for i in range(P)]}),
+                         processing_class=tok, callbacks=[Clock()])
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+        trainer.train()
+    return B * 2 * half / min(times[1:])
 
 
 if __name__ == "__main__":

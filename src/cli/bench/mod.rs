@@ -268,6 +268,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     });
 
     rows.push(dpo_row(&policy, cfg)?);
+    rows.push(grpo_row(&policy, cfg)?);
     rows.extend(mcts_rows(&policy, &world)?);
     rows.extend(queue_rows());
     rows.extend(runtime_rows(&policy, &world, cfg)?);
@@ -299,6 +300,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
                 Some(k) => peer["decode"][&k].as_f64(),
                 None if r.name.starts_with("SFT step") => peer["train_tokens_per_s"].as_f64(),
                 None if r.name.starts_with("DPO step") => peer["dpo_tokens_per_s"].as_f64(),
+                None if r.name.starts_with("GRPO step") => peer["grpo_tokens_per_s"].as_f64(),
                 None => continue,
             };
             r.peer = value;
@@ -437,57 +439,38 @@ fn queue_rows() -> Vec<BenchRow> {
     rows
 }
 
-/// Whole online stages on the bench student: the sampling rollout (4 samples
-/// of 32 tokens per problem) through actors, queue, store and an SFT learner
-/// training on every trajectory. Compares one actor with all threads against
-/// two single-threaded actors, and overlapped (async) against rounds (sync).
-fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
-    use crate::rollout::sampling::{Sampler, SamplingConfig};
-    use crate::runtime::learner::{self, LearnerConfig, Mode, Online, RuntimeConfig};
-    use crate::train::sft::TrajectorySft;
-    use medzero_policies::tokenizer::PromptTemplate;
-    use std::sync::atomic::AtomicBool;
+/// One online stage on the bench student, timed: seconds and the report.
+struct OnlineBench<'a> {
+    root: &'a std::path::Path,
+    problems: &'a [medzero_envs::Problem],
+    build: &'a (dyn Fn() -> Result<Policy> + Sync),
+    threads: usize,
+}
 
-    let root = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
-    let model_dir = root.join("model");
-    policy.save(&model_dir)?;
-    let problems = &world.train[..64.min(world.train.len())];
-    let template = PromptTemplate::Plain;
-    let rollout = Sampler {
-        cfg: SamplingConfig {
-            samples: 4,
-            max_new_tokens: 32,
-            ..SamplingConfig::default()
-        },
-        template,
-        reward: medzero_rewards::RuleVerifier,
-    };
-    let build = || Ok(Policy::load(&model_dir, tch::Device::Cpu, None)?);
-    let threads = cfg.threads.max(1);
-    let setups = [
-        ("deterministic", Mode::Deterministic, 1, threads),
-        ("sync", Mode::Sync, 2, 1),
-        ("async", Mode::Async, 2, 1),
-    ];
-    let mut rates = Vec::new();
-    for (k, (name, mode, actors, actor_threads)) in setups.into_iter().enumerate() {
-        let dir = root.join(format!("{k}-{name}"));
-        let learner_policy = build()?;
-        let mut objective = TrajectorySft::new(&learner_policy, problems, template, 0.0, 0.0, 512)?;
+impl OnlineBench<'_> {
+    fn run(
+        &self,
+        name: &str,
+        rollout: &dyn crate::runtime::Rollout,
+        objective: &mut dyn crate::runtime::learner::Objective,
+        learner_policy: &Policy,
+        (mode, actors, actor_threads): (crate::runtime::Mode, usize, usize),
+    ) -> Result<(f64, crate::runtime::learner::OnlineReport)> {
+        use crate::runtime::learner::{self, LearnerConfig, Online, RuntimeConfig};
         let t = Instant::now();
         let report = learner::run(Online {
             name,
-            dir: &dir,
-            problems,
-            rollout: &rollout,
-            objective: &mut objective,
-            policy: &learner_policy,
-            build_actor_policy: &build,
+            dir: &self.root.join(name),
+            problems: self.problems,
+            rollout,
+            objective,
+            policy: learner_policy,
+            build_actor_policy: self.build,
             runtime: &RuntimeConfig {
                 mode,
                 actors,
                 actor_threads,
-                learner_threads: threads,
+                learner_threads: self.threads,
                 round_size: 16,
                 max_policy_lag: u64::MAX,
                 ..RuntimeConfig::default()
@@ -499,20 +482,97 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
             },
             seed: 0,
             metrics: &mut crate::infra::monitor::Null,
-            stop: &AtomicBool::new(false),
+            stop: &std::sync::atomic::AtomicBool::new(false),
         })?;
-        let secs = t.elapsed().as_secs_f64();
+        Ok((t.elapsed().as_secs_f64(), report))
+    }
+}
+
+/// Whole online stages on the bench student: the sampling rollout (4 samples
+/// of 32 tokens per problem) through actors, queue, store and an SFT learner
+/// training on every trajectory. Compares one actor with all threads against
+/// two single-threaded actors, and overlapped (async) against rounds (sync).
+/// Then GRPO the same way: groups of 8 samples with their advantages and the
+/// GRPO learner, sync against async.
+fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    use crate::rollout::advantage::{Outcome, ScaleRewards};
+    use crate::rollout::grpo::GroupSampler;
+    use crate::rollout::sampling::{Sampler, SamplingConfig};
+    use crate::runtime::Mode;
+    use crate::train::grpo::{GrpoConfig, GrpoObjective};
+    use crate::train::sft::TrajectorySft;
+    use medzero_policies::tokenizer::PromptTemplate;
+
+    let root = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
+    let model_dir = root.join("model");
+    policy.save(&model_dir)?;
+    let problems = &world.train[..64.min(world.train.len())];
+    let template = PromptTemplate::Plain;
+    let sampler = |samples| Sampler {
+        cfg: SamplingConfig {
+            samples,
+            max_new_tokens: 32,
+            ..SamplingConfig::default()
+        },
+        template,
+        reward: medzero_rewards::RuleVerifier,
+    };
+    let build = || Ok(Policy::load(&model_dir, tch::Device::Cpu, None)?);
+    let threads = cfg.threads.max(1);
+    let bench = OnlineBench {
+        root: &root,
+        problems,
+        build: &build,
+        threads,
+    };
+    let rollout = sampler(4);
+    let setups = [
+        ("deterministic", Mode::Deterministic, 1, threads),
+        ("sync", Mode::Sync, 2, 1),
+        ("async", Mode::Async, 2, 1),
+    ];
+    let mut rates = Vec::new();
+    for (name, mode, actors, actor_threads) in setups {
+        let learner_policy = build()?;
+        let mut objective = TrajectorySft::new(&learner_policy, problems, template, 0.0, 0.0, 512)?;
+        let (secs, _) = bench.run(
+            name,
+            &rollout,
+            &mut objective,
+            &learner_policy,
+            (mode, actors, actor_threads),
+        )?;
         rates.push((
             format!("{name}, {actors} actor(s) x {actor_threads} thread(s)"),
             problems.len() as f64 / secs,
-            report.counters.generated_tokens as f64 / secs,
         ));
+    }
+    let group = GroupSampler {
+        sampler: sampler(GROUP),
+        advantage: Box::new(Outcome {
+            scale: ScaleRewards::Group,
+        }),
+    };
+    let mut grpo_rates = Vec::new();
+    for (name, mode) in [("grpo-sync", Mode::Sync), ("grpo-async", Mode::Async)] {
+        let learner_policy = build()?;
+        let mut objective = GrpoObjective::new(
+            &learner_policy,
+            problems,
+            template,
+            GrpoConfig::default(),
+            32,
+            None,
+        )?;
+        let (secs, report) =
+            bench.run(name, &group, &mut objective, &learner_policy, (mode, 2, 1))?;
+        grpo_rates.push(report.counters.trained as f64 / secs);
     }
     std::fs::remove_dir_all(&root).ok();
     tch::set_num_threads(cfg.threads as i32);
     let mut rows: Vec<BenchRow> = rates
         .iter()
-        .map(|(name, per_s, _)| BenchRow {
+        .map(|(name, per_s)| BenchRow {
             name: format!("online stage end to end: {name}"),
             unit: "problems/s".into(),
             medzero: *per_s,
@@ -533,6 +593,20 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
         medzero: rates[2].1,
         peer: Some(rates[1].1),
         ratio: Some(rates[2].1 / rates[1].1),
+    });
+    rows.push(BenchRow {
+        name: format!("GRPO end to end, groups of {GROUP} x 32 tokens, trained: sync, 2 actors"),
+        unit: "completions/s".into(),
+        medzero: grpo_rates[0],
+        peer: None,
+        ratio: None,
+    });
+    rows.push(BenchRow {
+        name: "GRPO end to end: async (peer: sync), 2 actors".into(),
+        unit: "completions/s".into(),
+        medzero: grpo_rates[1],
+        peer: Some(grpo_rates[0]),
+        ratio: Some(grpo_rates[1] / grpo_rates[0]),
     });
     Ok(rows)
 }
@@ -584,6 +658,57 @@ fn dpo_row(policy: &Policy, cfg: &BenchConfig) -> Result<BenchRow> {
         name: format!("DPO step, {pairs} pairs x {half}+{half} tokens, live reference"),
         unit: "tokens/s".into(),
         medzero: (cfg.train_steps * pairs * 4 * half) as f64 / secs,
+        peer: None,
+        ratio: None,
+    })
+}
+
+/// The group size of the GRPO rows.
+const GROUP: usize = 8;
+
+/// A GRPO learner step as TRL's GRPOTrainer takes it with generation
+/// bypassed: train_batch completions (groups of 8) of train_len/2 tokens
+/// after train_len/2-token prompts, per-token advantages, TRL's default
+/// `dapo` loss without KL, backward, clipping, AdamW.
+fn grpo_row(policy: &Policy, cfg: &BenchConfig) -> Result<BenchRow> {
+    use crate::train::grpo::{self, GrpoConfig, Sample};
+    let vocab = policy.config().vocab_size;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let half = cfg.train_len / 2;
+    let rows = cfg.train_batch.max(GROUP);
+    let prompts = random_prompts(&mut rng, rows / GROUP, half, vocab);
+    let completions = random_prompts(&mut rng, rows, half, vocab);
+    let advantages: Vec<Vec<f32>> = (0..rows)
+        .map(|i| vec![if i % 2 == 0 { 1.0 } else { -1.0 }; half])
+        .collect();
+    let batch: Vec<Sample> = (0..rows)
+        .map(|i| Sample {
+            prompt: &prompts[i / GROUP],
+            completion: &completions[i],
+            advantages: &advantages[i],
+            old_logprobs: &[],
+        })
+        .collect();
+    let grpo_cfg = GrpoConfig::default();
+    let mut opt = optimizer(policy)?;
+    let secs = best(cfg.repeats, || {
+        for _ in 0..cfg.train_steps {
+            grpo::loss(policy, None, &batch, &grpo_cfg, half)?
+                .loss
+                .backward();
+            opt.clip_grad_norm(1.0);
+            opt.step(1e-4);
+            opt.zero_grad();
+        }
+        Ok(())
+    })?;
+    Ok(BenchRow {
+        name: format!(
+            "GRPO step, {rows} completions ({} groups) x {half}+{half} tokens",
+            rows / GROUP
+        ),
+        unit: "tokens/s".into(),
+        medzero: (cfg.train_steps * rows * 2 * half) as f64 / secs,
         peer: None,
         ratio: None,
     })
