@@ -595,6 +595,25 @@ rollout_max_tokens = 96
 [stages.learner]
 batch_size = 8
 lr = 1e-4
+
+[[stages]]
+kind = "grpo"
+name = "grpo-treerl"
+init = "chains"
+advantage = "mcts"
+tree_advantage = "treerl"
+[stages.sampling]
+samples = 4
+[stages.mcts]
+max_nodes = 8
+rollout_budget = 4
+min_rollouts = 2
+[stages.generation]
+step_max_tokens = 32
+rollout_max_tokens = 96
+[stages.learner]
+batch_size = 8
+lr = 1e-4
 "#,
         support::TINY_WORLD
     );
@@ -678,7 +697,46 @@ lr = 1e-4
         }
     }
     assert!(leaves > 0, "no tree had a finished leaf");
-    for stage in ["3-grpo-prm", "4-grpo-mcts"] {
+
+    // TreeRL: (V - V(root) + V - V(parent)) / sqrt(|L|), V the share of
+    // correct leaves under a node.
+    let mut checked = 0;
+    for t in stored_groups(&run.join("5-grpo-treerl"))
+        .iter()
+        .flatten()
+        .filter(|t| !t.tokens.is_empty())
+    {
+        let meta = &t.meta;
+        let ends: Vec<usize> = serde_json::from_value(meta["ends"].clone()).unwrap();
+        let acc: Vec<f64> = serde_json::from_value(meta["accuracy"].clone()).unwrap();
+        let n: Vec<f64> = serde_json::from_value(meta["leaves"].clone()).unwrap();
+        let root = meta["root_accuracy"].as_f64().unwrap();
+        assert!(
+            acc.iter().chain([&root]).all(|a| (0.0..=1.0).contains(a)),
+            "{}",
+            t.id
+        );
+        // The leaf's own accuracy is its reward.
+        assert_eq!(*acc.last().unwrap() as f32, t.reward, "{}", t.id);
+        for (i, &a) in t.advantages.iter().enumerate() {
+            let k = ends.iter().filter(|&&e| e <= i).count().min(acc.len());
+            let want = match k {
+                0 => 0.0,
+                k => {
+                    let parent = if k == 1 { root } else { acc[k - 2] };
+                    ((acc[k - 1] - root) + (acc[k - 1] - parent)) / n[k - 1].sqrt()
+                }
+            };
+            assert!(
+                (a as f64 - want).abs() < 1e-5,
+                "{}: token {i}: {a} vs {want}",
+                t.id
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+    for stage in ["3-grpo-prm", "4-grpo-mcts", "5-grpo-treerl"] {
         let report: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(run.join(stage).join("report.json")).unwrap(),
         )

@@ -9,6 +9,8 @@
 //! - every setting of every stage is checked before the first stage runs,
 //!   with the stage named, before any run folder is made;
 //! - a stage that failed may be fixed and the run resumed without `--fresh`;
+//! - a run made by an older build, whose stored config lacks a setting
+//!   added since, resumes as long as the setting is at its default;
 //! - the CLI turns bad input into a clear error and exit code 1, never a panic.
 
 mod support;
@@ -231,6 +233,39 @@ fn a_stage_that_failed_may_be_fixed_and_the_run_resumed() {
     let config = pretrain_config(tmp.path(), "1e-3", &second("3e-3"));
     let o = medzero(&["run", &config]);
     assert_clear_failure(&o, &["differs at: stages.0.sft.lr"]);
+}
+
+#[test]
+fn a_setting_added_since_a_run_was_made_does_not_block_its_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = pretrain_config(tmp.path(), "3e-3", "");
+    let o = medzero(&["run", &config]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // What an older build wrote: the resolved config without a setting
+    // this build has (at its default).
+    let stored = tmp.path().join("runs/r/config.toml");
+    let text = std::fs::read_to_string(&stored).unwrap();
+    let older: String = text
+        .lines()
+        .filter(|l| !l.starts_with("keep_checkpoints"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(
+        older, text,
+        "the stored config has no keep_checkpoints line"
+    );
+    std::fs::write(&stored, older).unwrap();
+    let more = "[[stages]]\nkind = \"pretrain\"\nname = \"more\"\ninit = \"base\"\n[stages.sft]\nepochs = 0.5\nbatch_size = 8\n";
+    // keep_checkpoints is 3 here, not its default: that is a change.
+    let o = medzero(&["run", &config]);
+    assert_clear_failure(&o, &["differs at: stages.0.sft.keep_checkpoints"]);
+    // At its default it is none, and the run resumes with a new stage.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("keep_checkpoints = 3\n", "") + more;
+    std::fs::write(&config, text).unwrap();
+    let o = medzero(&["run", &config]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stage(tmp.path(), "1-more").join("model").exists());
 }
 
 #[test]

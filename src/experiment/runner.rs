@@ -82,6 +82,11 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
     if config_path.exists() {
         let old = std::fs::read_to_string(&config_path)
             .with_context(|| format!("reading {}", config_path.display()))?;
+        // Resolved again by this build, so a setting added since (at its
+        // default) is no change; one since removed still shows.
+        let old = Config::parse(&old, &config_path.display().to_string(), &[])
+            .map(|c| c.to_toml())
+            .unwrap_or(old);
         check_resume(&dir, &old, &resolved)?;
         eprintln!("medzero: resuming run {}", dir.display());
     }

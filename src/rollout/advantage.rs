@@ -10,7 +10,8 @@
 //!   ending at or after it.
 //! - [`TreeValues`]: for completions that are leaves of one search tree,
 //!   each step's advantage is V(step) − V(parent) from the tree's values
-//!   (TreeRL's local advantage, arXiv 2506.11902).
+//!   (TreeRL's local advantage, arXiv 2506.11902), or TreeRL's global plus
+//!   local advantage over the square root of the step's leaves.
 //!
 //! For sampled completions the steps are found in the ids themselves: a
 //! token belongs to a step from the token that writes the "S" of its
@@ -223,13 +224,66 @@ pub struct TreeLeaf {
     /// Where the tokens of the opening sentence (0) and of each step of the
     /// path (1..) end; the end of turn after the last belongs to the last.
     pub ends: Vec<usize>,
+    /// Per step of the path: the share of correct leaves among the finished
+    /// leaves under it, and their number (TreeRL's V and |L|).
+    pub accuracy: Vec<f64>,
+    pub leaves: Vec<usize>,
+    /// The share of correct leaves in the whole tree.
+    pub root_accuracy: f64,
 }
 
-/// TreeRL's V(step) − V(parent), for leaves of one search tree whose
+/// Which tree advantage a step gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TreeAdvantage {
+    /// V(step) − V(parent) with the search's MCTS values.
+    #[default]
+    Local,
+    /// TreeRL's (G + L) / sqrt(|L(step)|) with V the share of correct leaves
+    /// under a node: G = V(step) − V(root), L = V(step) − V(parent), |L| the
+    /// finished leaves under the step (arXiv 2506.11902).
+    Treerl,
+}
+
+/// Step advantages from the tree, for leaves of one search tree whose
 /// `values` hold the MCTS value of each node on the leaf's path. The tree
 /// node of each token is known exactly from where each node's text ends
-/// (no step is looked for in the ids); the opening sentence gets 0.
-pub struct TreeValues;
+/// (no step is looked for in the ids); the opening sentence gets 0. A
+/// step's advantage is its own, not a suffix sum: tree values look ahead.
+pub struct TreeValues {
+    pub kind: TreeAdvantage,
+}
+
+impl TreeValues {
+    fn step_advantages(&self, t: &Trajectory, leaf: &TreeLeaf) -> Vec<f32> {
+        match self.kind {
+            TreeAdvantage::Local => {
+                let mut parent = leaf.root_value as f32;
+                t.values
+                    .iter()
+                    .map(|&v| {
+                        let a = v - parent;
+                        parent = v;
+                        a
+                    })
+                    .collect()
+            }
+            TreeAdvantage::Treerl => {
+                let mut parent = leaf.root_accuracy;
+                leaf.accuracy
+                    .iter()
+                    .zip(&leaf.leaves)
+                    .map(|(&v, &n)| {
+                        let a =
+                            ((v - leaf.root_accuracy) + (v - parent)) / (n.max(1) as f64).sqrt();
+                        parent = v;
+                        a as f32
+                    })
+                    .collect()
+            }
+        }
+    }
+}
 
 impl Advantage for TreeValues {
     fn assign(&self, _: &Policy, _: &Problem, group: &mut [Trajectory]) -> Result<()> {
@@ -239,33 +293,25 @@ impl Advantage for TreeValues {
             }
             let leaf: TreeLeaf = serde_json::from_value(t.meta.clone())
                 .with_context(|| format!("{}: not a search-tree leaf", t.id))?;
-            if leaf.ends.len() != t.values.len() + 1 {
+            let steps = t.values.len();
+            if leaf.ends.len() != steps + 1
+                || leaf.accuracy.len() != steps
+                || leaf.leaves.len() != steps
+            {
                 bail!(
-                    "{}: {} node ends for {} tree values",
+                    "{}: {} node ends, {} accuracies and {} leaf counts for {} tree values",
                     t.id,
                     leaf.ends.len(),
-                    t.values.len()
+                    leaf.accuracy.len(),
+                    leaf.leaves.len(),
+                    steps
                 );
             }
-            let mut parent = leaf.root_value as f32;
-            let step_adv: Vec<f32> = t
-                .values
-                .iter()
-                .map(|&v| {
-                    let a = v - parent;
-                    parent = v;
-                    a
-                })
-                .collect();
-            // A step's own change in value, not a suffix sum: the tree's
-            // values already look ahead.
+            let step_adv = self.step_advantages(t, &leaf);
             t.advantages = (0..t.tokens.len())
-                .map(|i| {
-                    let node = leaf.ends.iter().filter(|&&e| e <= i).count();
-                    match node {
-                        0 => 0.0,
-                        k => step_adv[(k - 1).min(step_adv.len() - 1)],
-                    }
+                .map(|i| match leaf.ends.iter().filter(|&&e| e <= i).count() {
+                    0 => 0.0,
+                    k => step_adv[(k - 1).min(steps - 1)],
                 })
                 .collect();
         }

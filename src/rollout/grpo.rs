@@ -72,7 +72,7 @@ impl TreeGroup {
         &self,
         policy: &Policy,
         problem: &Problem,
-        tree: &Tree,
+        (tree, under): (&Tree, &[(usize, usize)]),
         leaf: NodeId,
         id: String,
     ) -> Result<Trajectory> {
@@ -109,6 +109,7 @@ impl TreeGroup {
             ends.push(upto.len() - prompt_ids.len());
         }
         let values = path.iter().map(|&n| tree.nodes[n].value as f32).collect();
+        let share = |(correct, all): (usize, usize)| correct as f64 / all.max(1) as f64;
         let steps: Vec<Step> = path
             .iter()
             .map(|&n| Step::new(tree.nodes[n].text.clone()))
@@ -133,6 +134,9 @@ impl TreeGroup {
                 root_value: tree.nodes[0].value,
                 nodes: tree.nodes.len(),
                 ends,
+                accuracy: path.iter().map(|&n| share(under[n])).collect(),
+                leaves: path.iter().map(|&n| under[n].1).collect(),
+                root_accuracy: share(under[0]),
             })?,
         })
     }
@@ -149,10 +153,11 @@ impl Rollout for TreeGroup {
         let (tree, model) = self.search.search(policy, problem, rng)?;
         let generated_tokens = model.generated;
         let picked = self.pick(&tree);
+        let under = finished_under(&tree);
         let mut trajectories = Vec::with_capacity(self.group);
         for (k, id) in self.ids(problem).into_iter().enumerate() {
             trajectories.push(match picked.get(k) {
-                Some(&leaf) => self.leaf(policy, problem, &tree, leaf, id)?,
+                Some(&leaf) => self.leaf(policy, problem, (&tree, &under), leaf, id)?,
                 None => Trajectory {
                     id,
                     problem_id: problem.id.clone(),
@@ -178,4 +183,22 @@ impl Rollout for TreeGroup {
             reward_failures: 0,
         })
     }
+}
+
+/// Per node: the correct and all finished leaves in its subtree.
+fn finished_under(tree: &Tree) -> Vec<(usize, usize)> {
+    let mut under = vec![(0usize, 0usize); tree.nodes.len()];
+    // A parent's id is below its children's: one pass from the last node.
+    for id in (0..tree.nodes.len()).rev() {
+        let n = &tree.nodes[id];
+        if n.children.is_empty() && n.finished {
+            under[id].0 += n.correct as usize;
+            under[id].1 += 1;
+        }
+        if let Some(p) = n.parent {
+            under[p].0 += under[id].0;
+            under[p].1 += under[id].1;
+        }
+    }
+    under
 }

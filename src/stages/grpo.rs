@@ -7,7 +7,9 @@
 
 use super::rejection_sampling::{OnlineRun, RewardKind, judge, reward};
 use super::{Stage, StageCtx, StageOutput, required};
-use crate::rollout::advantage::{Advantage, Outcome, ProcessPrm, ScaleRewards, TreeValues};
+use crate::rollout::advantage::{
+    Advantage, Outcome, ProcessPrm, ScaleRewards, TreeAdvantage, TreeValues,
+};
 use crate::rollout::grpo::{GroupSampler, TreeGroup};
 use crate::rollout::mcts::MctsConfig;
 use crate::rollout::meds3::{MctsRollout, StepGeneration};
@@ -48,8 +50,9 @@ pub struct GrpoStage {
     pub advantage: AdvantageKind,
     /// The `meds3_prm` stage whose PRM scores steps (`advantage = "prm"`).
     pub prm: Option<String>,
-    /// The search of `advantage = "mcts"`.
+    /// The search of `advantage = "mcts"`, and its step advantage.
     pub mcts: MctsConfig,
+    pub tree_advantage: TreeAdvantage,
     pub generation: StepGeneration,
     pub grpo: GrpoConfig,
     pub runtime: RuntimeConfig,
@@ -71,6 +74,7 @@ impl Default for GrpoStage {
             advantage: AdvantageKind::Outcome,
             prm: None,
             mcts: MctsConfig::default(),
+            tree_advantage: TreeAdvantage::Local,
             generation: StepGeneration::default(),
             grpo: GrpoConfig::default(),
             runtime: RuntimeConfig::default(),
@@ -163,7 +167,9 @@ impl Stage for GrpoStage {
                     scale: self.scale_rewards,
                 })
             }
-            AdvantageKind::Mcts => Box::new(TreeValues),
+            AdvantageKind::Mcts => Box::new(TreeValues {
+                kind: self.tree_advantage,
+            }),
         };
         let judge = judge(ctx, self.reward)?;
         let rollout: Box<dyn Rollout + '_> = match self.advantage {
