@@ -264,23 +264,25 @@ fn async_actors_survive_injected_panics_and_lag_is_bounded() {
     assert!(rep["steps"].as_u64().unwrap() > 0, "{rep}");
 
     let tb = support::tb_read(&r._dir.path().join("runs/o"));
+    // Each stage's curves in its own section.
     for tag in [
-        "train/version_diff_avg",
-        "train/version_diff_max",
-        "perf/rollouts_per_s",
-        "perf/tokens_per_s",
-        "perf/learner_tokens_per_s",
-        "queue/depth",
-        "queue/dropped_stale",
-        "actor/idle_frac",
-        "learner/wait_frac",
+        "rs/train/version_diff_avg",
+        "rs/train/version_diff_max",
+        "rs/perf/rollouts_per_s",
+        "rs/perf/tokens_per_s",
+        "rs/perf/learner_tokens_per_s",
+        "rs/queue/depth",
+        "rs/queue/dropped_stale",
+        "rs/actor/idle_frac",
+        "rs/learner/wait_frac",
+        "base/perf/learner_tokens_per_s",
     ] {
         assert!(
             tb["scalars"].get(tag).is_some(),
             "{tag} missing from TensorBoard"
         );
     }
-    let max_lag = tb["scalars"]["train/version_diff_max"]
+    let max_lag = tb["scalars"]["rs/train/version_diff_max"]
         .as_array()
         .unwrap()
         .iter()

@@ -299,7 +299,7 @@ pub fn train(
                 metrics.scalar(&format!("{tag}/{k}"), step, *v);
             }
             metrics.scalar(
-                "perf/learner_tokens_per_s",
+                &format!("{tag}/perf/learner_tokens_per_s"),
                 step,
                 tokens as f64 / t0.elapsed().as_secs_f64(),
             );
