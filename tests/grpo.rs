@@ -100,6 +100,7 @@ fn medzero_step(
     adv: &[f32],
     cfg: &GrpoConfig,
 ) -> Step {
+    let eos = policy.tokenizer.eos_id();
     let per_token: Vec<Vec<f32>> = completions
         .iter()
         .zip(adv)
@@ -113,6 +114,7 @@ fn medzero_step(
             completion: c,
             advantages: &per_token[i],
             old_logprobs: &[],
+            masked: cfg.mask_truncated_completions && c.last() != Some(&eos),
         })
         .collect();
     let adam = AdamWConfig {
@@ -135,6 +137,7 @@ struct Case {
     beta: f64,
     bias_correction: bool,
     level: ImportanceLevel,
+    mask_truncated: bool,
 }
 
 impl Case {
@@ -164,11 +167,13 @@ fn case(loss_type: LossType, scale: ScaleRewards) -> Case {
         beta: 0.0,
         bias_correction: true,
         level: ImportanceLevel::Token,
+        mask_truncated: false,
     }
 }
 
 /// Each loss type; the KL term to a reference unlike the policy, with and
-/// without TRL's bias correction; GSPO's sequence-level ratio.
+/// without TRL's bias correction; GSPO's sequence-level ratio; truncated
+/// completions masked out (DAPO's overlong filtering).
 #[test]
 fn one_step_matches_trl_grpo_trainer() {
     let cases = [
@@ -187,6 +192,14 @@ fn one_step_matches_trl_grpo_trainer() {
         },
         Case {
             level: ImportanceLevel::Sequence,
+            ..case(LossType::Grpo, ScaleRewards::Group)
+        },
+        Case {
+            mask_truncated: true,
+            ..case(LossType::Dapo, ScaleRewards::Group)
+        },
+        Case {
+            mask_truncated: true,
             ..case(LossType::Grpo, ScaleRewards::Group)
         },
     ];
@@ -213,6 +226,7 @@ fn one_step_matches_trl_grpo_trainer() {
                 "beta": c.beta,
                 "use_bias_correction_kl": c.bias_correction,
                 "importance_sampling_level": trl_level,
+                "mask_truncated_completions": c.mask_truncated,
                 "epsilon": 0.2,
                 "learning_rate": LR,
                 "lr_scheduler_type": "constant",
@@ -233,8 +247,9 @@ fn one_step_matches_trl_grpo_trainer() {
         }
         let trl = peer(tmp.path(), &spec);
         let what = format!(
-            "{trl_loss}, scale_rewards {trl_scale}, beta {}, bias correction {}, {trl_level} level",
-            c.beta, c.bias_correction
+            "{trl_loss}, scale_rewards {trl_scale}, beta {}, bias correction {}, {trl_level} level, \
+             truncated masked {}",
+            c.beta, c.bias_correction, c.mask_truncated
         );
 
         let adv: Vec<f32> = rewards
@@ -252,6 +267,7 @@ fn one_step_matches_trl_grpo_trainer() {
             beta: c.beta,
             use_bias_correction_kl: c.bias_correction,
             importance_sampling_level: c.level,
+            mask_truncated_completions: c.mask_truncated,
             ..GrpoConfig::default()
         };
         let step = medzero_step(
@@ -356,6 +372,7 @@ fn one_step_matches_trl_rloo_trainer() {
                 completion: c,
                 advantages: &per_token[i],
                 old_logprobs: &[],
+                masked: false,
             })
             .collect();
         let adam = AdamWConfig {
@@ -809,4 +826,42 @@ lr = 1e-3
         after
     };
     assert_eq!(weights("a"), weights("b"), "same seed, other weights");
+}
+
+/// DAPO's dynamic sampling: with `drop_tied_groups`, a completion whose
+/// every advantage is 0 (its group's rewards all tie) is not trained on,
+/// so the learner's batch fills with the next ones.
+#[test]
+fn tied_groups_are_dropped_only_when_asked() {
+    use medzero::runtime::learner::Objective;
+    let objective = |drop_tied_groups| grpo::GrpoObjective {
+        cfg: GrpoConfig {
+            drop_tied_groups,
+            ..GrpoConfig::default()
+        },
+        prompts: [("p".to_string(), vec![3, 4])].into_iter().collect(),
+        max_completion: 8,
+        reference: None,
+        end_of_turn: 2,
+    };
+    let trajectory = |advantages: Vec<f32>| Trajectory {
+        id: "p/s000".into(),
+        problem_id: "p".into(),
+        steps: Vec::new(),
+        answer: None,
+        reward: 1.0,
+        values: Vec::new(),
+        advantages,
+        policy_version: 0,
+        provenance: Default::default(),
+        tokens: vec![5, 6, 2],
+        logprobs: Vec::new(),
+        meta: serde_json::Value::Null,
+    };
+    let (tied, signal) = (trajectory(vec![0.0; 3]), trajectory(vec![0.5; 3]));
+    assert!(objective(false).accepts(&tied));
+    assert!(!objective(true).accepts(&tied));
+    assert!(objective(true).accepts(&signal));
+    // Advantages that do not cover the tokens are never trained on.
+    assert!(!objective(false).accepts(&trajectory(vec![0.5; 2])));
 }

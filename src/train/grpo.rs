@@ -64,6 +64,13 @@ pub struct GrpoConfig {
     /// Multiply the KL term by the importance ratio (TRL's default).
     pub use_bias_correction_kl: bool,
     pub importance_sampling_level: ImportanceLevel,
+    /// Leave completions cut at the generation budget out of the loss
+    /// (DAPO's overlong filtering, TRL's `mask_truncated_completions`).
+    pub mask_truncated_completions: bool,
+    /// Train only on completions with some advantage: a group whose rewards
+    /// all tie has none, and the learner's batch fills with the next
+    /// completions instead (DAPO's dynamic sampling).
+    pub drop_tied_groups: bool,
 }
 
 impl Default for GrpoConfig {
@@ -75,6 +82,8 @@ impl Default for GrpoConfig {
             beta: 0.0,
             use_bias_correction_kl: true,
             importance_sampling_level: ImportanceLevel::Token,
+            mask_truncated_completions: false,
+            drop_tied_groups: false,
         }
     }
 }
@@ -119,6 +128,9 @@ pub struct Sample<'a> {
     pub completion: &'a [i64],
     pub advantages: &'a [f32],
     pub old_logprobs: &'a [f32],
+    /// Left out of the loss, its normaliser and the metrics (a truncated
+    /// completion under `mask_truncated_completions`).
+    pub masked: bool,
 }
 
 /// A batch laid out as [B, W] grids over next-token positions: ℓ under the
@@ -172,7 +184,7 @@ pub(crate) fn score(policy: &Policy, batch: &[Sample]) -> Result<Scored> {
     for (r, s) in batch.iter().enumerate() {
         let at = r * width as usize + s.prompt.len() - 1;
         let span = at..at + s.completion.len();
-        target[span.clone()].fill(1.0);
+        target[span.clone()].fill(!s.masked as u8 as f32);
         adv[span.clone()].copy_from_slice(s.advantages);
         if s.old_logprobs.len() == s.completion.len() {
             known[span.clone()].fill(1.0);
@@ -341,10 +353,11 @@ impl GrpoObjective {
 }
 
 /// One completion per trajectory, with the advantages and old log-probs it
-/// carries.
+/// carries; `truncated_out` masks those not ending with `end_of_turn`.
 pub(crate) fn samples<'a>(
     prompts: &'a HashMap<String, Vec<i64>>,
     batch: &'a [Trajectory],
+    truncated_out: Option<i64>,
 ) -> Vec<Sample<'a>> {
     batch
         .iter()
@@ -353,6 +366,7 @@ pub(crate) fn samples<'a>(
             completion: &t.tokens,
             advantages: &t.advantages,
             old_logprobs: &t.logprobs,
+            masked: truncated_out.is_some_and(|eot| t.tokens.last() != Some(&eot)),
         })
         .collect()
 }
@@ -418,10 +432,12 @@ pub(crate) fn completion_metrics(
 impl Objective for GrpoObjective {
     fn accepts(&self, t: &Trajectory) -> bool {
         trainable(&self.prompts, t)
+            && !(self.cfg.drop_tied_groups && t.advantages.iter().all(|&a| a == 0.0))
     }
 
     fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss> {
-        let samples = samples(&self.prompts, batch);
+        let masking = self.cfg.mask_truncated_completions;
+        let samples = samples(&self.prompts, batch, masking.then_some(self.end_of_turn));
         let out = loss(
             policy,
             self.reference.as_ref(),

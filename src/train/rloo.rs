@@ -109,7 +109,7 @@ impl Objective for RlooObjective {
     }
 
     fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss> {
-        let samples = samples(&self.prompts, batch);
+        let samples = samples(&self.prompts, batch, None);
         let out = loss(policy, &samples, &self.cfg)?;
         let tokens = samples
             .iter()

@@ -687,6 +687,7 @@ fn grpo_row(policy: &Policy, cfg: &BenchConfig) -> Result<BenchRow> {
             completion: &completions[i],
             advantages: &advantages[i],
             old_logprobs: &[],
+            masked: false,
         })
         .collect();
     let grpo_cfg = GrpoConfig::default();
