@@ -23,7 +23,7 @@ use medzero_policies::Policy;
 use medzero_policies::tokenizer::{PromptTemplate, Tokenizer};
 use medzero_rewards::Prm;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// How rewards are scaled against their group (TRL's `scale_rewards`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -58,6 +58,31 @@ pub fn normalise(values: &[f32], scale: ScaleRewards) -> Vec<f32> {
         .iter()
         .map(|&r| ((r as f64 - mean) / denom) as f32)
         .collect()
+}
+
+/// Copies of a model an advantage scores with, one per actor (a tensor may
+/// not be shared between threads): an actor takes the first free one.
+pub struct Copies<T> {
+    copies: Vec<Mutex<T>>,
+}
+
+impl<T> Copies<T> {
+    /// `n` (at least one) copies made by `load`.
+    pub fn load(n: usize, mut load: impl FnMut() -> Result<T>) -> Result<Copies<T>> {
+        let copies = (0..n.max(1))
+            .map(|_| Ok(Mutex::new(load()?)))
+            .collect::<Result<_>>()?;
+        Ok(Copies { copies })
+    }
+
+    /// A free copy, else the first once it is free.
+    pub fn get(&self) -> Result<MutexGuard<'_, T>> {
+        self.copies
+            .iter()
+            .find_map(|c| c.try_lock().ok())
+            .map_or_else(|| self.copies[0].lock(), Ok)
+            .map_err(|_| anyhow::anyhow!("a model copy was poisoned by a panic"))
+    }
 }
 
 /// Turns one problem's group into per-token advantages.
@@ -178,9 +203,7 @@ fn suffix_sums(of_token: &[usize], step_adv: &[f32]) -> Vec<f32> {
 
 /// DeepSeekMath's process supervision with a trained PRM.
 pub struct ProcessPrm {
-    /// One copy per actor (a tensor may not be shared between threads); an
-    /// actor scores with the first free one.
-    pub prms: Vec<Mutex<Prm>>,
+    pub prms: Copies<Prm>,
     /// How the PRM's prompts were rendered in training.
     pub template: PromptTemplate,
     pub scale: ScaleRewards,
@@ -194,13 +217,9 @@ impl Advantage for ProcessPrm {
             .collect::<Result<_>>()?;
         let prompt = self.template.render(&problem.prompt_text());
         let chains: Vec<Vec<String>> = cut.iter().map(|s| s.texts.clone()).collect();
-        let prm = self
+        let scores = self
             .prms
-            .iter()
-            .find_map(|p| p.try_lock().ok())
-            .map_or_else(|| self.prms[0].lock(), Ok)
-            .map_err(|_| anyhow::anyhow!("a PRM copy was poisoned by a panic"))?;
-        let scores = prm
+            .get()?
             .score(&prompt, &chains)
             .with_context(|| format!("PRM scores of {}'s group", problem.id))?;
         let pooled: Vec<f32> = scores.iter().flatten().map(|&s| s as f32).collect();

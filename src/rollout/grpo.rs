@@ -14,8 +14,10 @@ use crate::runtime::actor::{Rolled, Rollout};
 use anyhow::{Result, ensure};
 use medzero_envs::{Problem, Provenance, Step, Trajectory, verify};
 use medzero_policies::Policy;
+use medzero_policies::tokenizer::PromptTemplate;
 use medzero_rewards::Reward;
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 
 /// [`Sampler`]'s G samples of a problem, with their advantages.
 pub struct GroupSampler<R: Reward> {
@@ -70,43 +72,28 @@ impl TreeGroup {
 
     fn leaf(
         &self,
-        policy: &Policy,
         problem: &Problem,
-        (tree, under): (&Tree, &[(usize, usize)]),
+        ids: &mut PathIds,
+        under: &[(usize, usize)],
         leaf: NodeId,
         id: String,
     ) -> Result<Trajectory> {
-        let template = self.search.template;
-        let prompt = template.render(&problem.prompt_text());
-        let prompt_ids = policy.tokenizer.encode(&prompt)?;
-        let full = policy
-            .tokenizer
-            .encode(&format!("{prompt}{}", tree.render_path(leaf)))?;
-        ensure!(
-            full.starts_with(&prompt_ids),
-            "{id}: the prompt's ids are not a prefix of the chain's"
-        );
-        let mut tokens = full[prompt_ids.len()..].to_vec();
-        tokens.push(policy.tokenizer.end_of_turn_id(template));
+        let tree = ids.tree;
+        let prompt_len = ids.prompt.len();
+        let full = ids.of(leaf)?.to_vec();
+        let mut tokens = full[prompt_len..].to_vec();
+        tokens.push(ids.end_of_turn);
         let path = &tree.path(leaf)[1..];
         // Where each node's tokens end: the ids of the text up to it, as the
         // search continued from them.
-        let mut ends = vec![
-            policy
-                .tokenizer
-                .encode(&format!("{prompt}{}", tree.render_path(0)))?
-                .len()
-                - prompt_ids.len(),
-        ];
+        let mut ends = vec![ids.of(0)?.len() - prompt_len];
         for &n in path {
-            let upto = policy
-                .tokenizer
-                .encode(&format!("{prompt}{}", tree.render_path(n)))?;
+            let upto = ids.of(n)?;
             ensure!(
-                full.starts_with(&upto),
+                full.starts_with(upto),
                 "{id}: the ids of a chain's prefix are not a prefix of its ids"
             );
-            ends.push(upto.len() - prompt_ids.len());
+            ends.push(upto.len() - prompt_len);
         }
         let values = path.iter().map(|&n| tree.nodes[n].value as f32).collect();
         let share = |(correct, all): (usize, usize)| correct as f64 / all.max(1) as f64;
@@ -154,10 +141,20 @@ impl Rollout for TreeGroup {
         let generated_tokens = model.generated;
         let picked = self.pick(&tree);
         let under = finished_under(&tree);
+        let mut ids = PathIds::new(policy, self.search.template, problem, &tree)?;
+        // A leaf picked twice (a tree with fewer than `group`) is built once.
+        let mut made: HashMap<NodeId, Trajectory> = HashMap::new();
         let mut trajectories = Vec::with_capacity(self.group);
         for (k, id) in self.ids(problem).into_iter().enumerate() {
             trajectories.push(match picked.get(k) {
-                Some(&leaf) => self.leaf(policy, problem, (&tree, &under), leaf, id)?,
+                Some(&leaf) => match made.get(&leaf) {
+                    Some(t) => Trajectory { id, ..t.clone() },
+                    None => {
+                        let t = self.leaf(problem, &mut ids, &under, leaf, id)?;
+                        made.insert(leaf, t.clone());
+                        t
+                    }
+                },
                 None => Trajectory {
                     id,
                     problem_id: problem.id.clone(),
@@ -182,6 +179,55 @@ impl Rollout for TreeGroup {
             generated_tokens,
             reward_failures: 0,
         })
+    }
+}
+
+/// The ids of the prompt and of `prompt + render_path(node)` per node, each
+/// encoded once per tree (leaves share their ancestors).
+struct PathIds<'a> {
+    policy: &'a Policy,
+    tree: &'a Tree,
+    problem: &'a str,
+    text: String,
+    prompt: Vec<i64>,
+    end_of_turn: i64,
+    of: HashMap<NodeId, Vec<i64>>,
+}
+
+impl<'a> PathIds<'a> {
+    fn new(
+        policy: &'a Policy,
+        template: PromptTemplate,
+        problem: &'a Problem,
+        tree: &'a Tree,
+    ) -> Result<Self> {
+        let text = template.render(&problem.prompt_text());
+        Ok(PathIds {
+            prompt: policy.tokenizer.encode(&text)?,
+            end_of_turn: policy.tokenizer.end_of_turn_id(template),
+            policy,
+            tree,
+            problem: &problem.id,
+            text,
+            of: HashMap::new(),
+        })
+    }
+
+    fn of(&mut self, node: NodeId) -> Result<&[i64]> {
+        if !self.of.contains_key(&node) {
+            let ids = self.policy.tokenizer.encode(&format!(
+                "{}{}",
+                self.text,
+                self.tree.render_path(node)
+            ))?;
+            ensure!(
+                ids.starts_with(&self.prompt),
+                "{}: the prompt's ids are not a prefix of a chain's",
+                self.problem
+            );
+            self.of.insert(node, ids);
+        }
+        Ok(&self.of[&node])
     }
 }
 

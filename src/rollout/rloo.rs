@@ -6,13 +6,12 @@
 //! TRL's optional `normalize_advantages` (over the whole generation batch)
 //! is not built: an actor holds one group.
 
-use super::advantage::Advantage;
+use super::advantage::{Advantage, Copies};
 use anyhow::{Result, bail};
 use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
 use medzero_policies::generate::pad_right;
 use medzero_policies::tokenizer::PromptTemplate;
-use std::sync::Mutex;
 use tch::Tensor;
 
 /// Leave-one-out advantages of one group: `rewards[i] − β·kl[i]` against
@@ -68,16 +67,21 @@ pub fn sequence_kl(
 /// The leave-one-out baseline as an [`Advantage`]: the completion's
 /// advantage on every token.
 pub struct LeaveOneOut {
-    pub beta: f64,
-    /// Copies of the frozen initial model, one per actor (with `beta` > 0).
-    pub references: Vec<Mutex<Policy>>,
+    /// The KL term taken out of the reward (none: no KL).
+    pub kl: Option<KlPenalty>,
     pub template: PromptTemplate,
+}
+
+/// RLOO's KL penalty: its weight and the frozen initial model.
+pub struct KlPenalty {
+    pub beta: f64,
+    pub references: Copies<Policy>,
 }
 
 impl Advantage for LeaveOneOut {
     fn assign(&self, policy: &Policy, problem: &Problem, group: &mut [Trajectory]) -> Result<()> {
         let rewards: Vec<f32> = group.iter().map(|t| t.reward).collect();
-        let kl = if self.beta > 0.0 {
+        let (kl, beta) = if let Some(penalty) = &self.kl {
             if let Some(t) = group.iter().find(|t| t.logprobs.len() != t.tokens.len()) {
                 bail!(
                     "rloo: {} carries no sampling log-probs for its KL term",
@@ -87,19 +91,15 @@ impl Advantage for LeaveOneOut {
             let prompt = policy
                 .tokenizer
                 .encode(&self.template.render(&problem.prompt_text()))?;
-            let reference = self
-                .references
-                .iter()
-                .find_map(|p| p.try_lock().ok())
-                .map_or_else(|| self.references[0].lock(), Ok)
-                .map_err(|_| anyhow::anyhow!("a reference copy was poisoned by a panic"))?;
+            let reference = penalty.references.get()?;
             let completions: Vec<&[i64]> = group.iter().map(|t| t.tokens.as_slice()).collect();
             let old: Vec<&[f32]> = group.iter().map(|t| t.logprobs.as_slice()).collect();
-            sequence_kl(&reference, &prompt, &completions, &old)?
+            let kl = sequence_kl(&reference, &prompt, &completions, &old)?;
+            (kl, penalty.beta)
         } else {
-            Vec::new()
+            (Vec::new(), 0.0)
         };
-        for (t, a) in group.iter_mut().zip(advantages(&rewards, &kl, self.beta)) {
+        for (t, a) in group.iter_mut().zip(advantages(&rewards, &kl, beta)) {
             t.advantages = vec![a; t.tokens.len()];
         }
         Ok(())

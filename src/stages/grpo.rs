@@ -8,7 +8,7 @@
 use super::rejection_sampling::{OnlineRun, RewardKind, judge, reward};
 use super::{Stage, StageCtx, StageOutput, required};
 use crate::rollout::advantage::{
-    Advantage, Outcome, ProcessPrm, ScaleRewards, TreeAdvantage, TreeValues,
+    Advantage, Copies, Outcome, ProcessPrm, ScaleRewards, TreeAdvantage, TreeValues,
 };
 use crate::rollout::grpo::{GroupSampler, TreeGroup};
 use crate::rollout::mcts::MctsConfig;
@@ -158,11 +158,10 @@ impl Stage for GrpoStage {
             }),
             AdvantageKind::Prm => {
                 let dir = ctx.model(self.prm.as_deref().unwrap_or_default())?.dir;
-                let prms = (0..self.runtime.actors.max(1))
-                    .map(|_| Ok(std::sync::Mutex::new(Prm::load(&dir, ctx.run.device)?)))
-                    .collect::<Result<_>>()?;
                 Box::new(ProcessPrm {
-                    prms,
+                    prms: Copies::load(self.runtime.actors, || {
+                        Ok(Prm::load(&dir, ctx.run.device)?)
+                    })?,
                     template: ctx.run.template,
                     scale: self.scale_rewards,
                 })

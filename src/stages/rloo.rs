@@ -6,15 +6,15 @@
 
 use super::rejection_sampling::{OnlineRun, RewardKind, judge, reward};
 use super::{Stage, StageCtx, StageOutput, required};
+use crate::rollout::advantage::Copies;
 use crate::rollout::grpo::GroupSampler;
-use crate::rollout::rloo::LeaveOneOut;
+use crate::rollout::rloo::{KlPenalty, LeaveOneOut};
 use crate::rollout::sampling::{Sampler, SamplingConfig};
 use crate::runtime::{LearnerConfig, RuntimeConfig};
 use crate::train::rloo::{RlooConfig, RlooObjective};
 use anyhow::{Context, Result, bail};
 use medzero_policies::Policy;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,13 +86,16 @@ impl Stage for RlooStage {
         let problems = ctx.train_problems(self.problems, 0);
         let mut objective =
             RlooObjective::new(&policy, problems, ctx.run.template, self.rloo.clone())?;
-        let references = if self.rloo.beta > 0.0 {
-            (0..self.runtime.actors.max(1))
-                .map(|_| Ok(Mutex::new(Policy::load(&init.dir, ctx.run.device, None)?)))
-                .collect::<Result<_>>()?
-        } else {
-            Vec::new()
-        };
+        let kl = (self.rloo.beta > 0.0)
+            .then(|| {
+                anyhow::Ok(KlPenalty {
+                    beta: self.rloo.beta,
+                    references: Copies::load(self.runtime.actors, || {
+                        Ok(Policy::load(&init.dir, ctx.run.device, None)?)
+                    })?,
+                })
+            })
+            .transpose()?;
         let judge = judge(ctx, self.reward)?;
         let rollout = GroupSampler {
             sampler: Sampler {
@@ -101,8 +104,7 @@ impl Stage for RlooStage {
                 reward: reward(&judge),
             },
             advantage: Box::new(LeaveOneOut {
-                beta: self.rloo.beta,
-                references,
+                kl,
                 template: ctx.run.template,
             }),
         };
