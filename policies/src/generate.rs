@@ -112,17 +112,23 @@ pub fn streams(rng: &mut ChaCha8Rng, n: usize) -> Vec<ChaCha8Rng> {
         .collect()
 }
 
-/// Picks one token per row of `logits` [B, V], row i drawing from `rngs[i]`;
-/// returns the tokens and their log-probabilities under the unmodified
-/// distribution.
+/// Picks one token per row of `logits` [B, V], row i drawing from `rngs[i]`
+/// and never a token `forbidden` [B, V] marks; returns the tokens and their
+/// log-probabilities under the unmodified distribution (the one a learner
+/// computes, so on-policy ratios are 1).
 pub fn sample(
     logits: &Tensor,
+    forbidden: Option<&Tensor>,
     params: &SamplingParams,
     rngs: &mut [ChaCha8Rng],
 ) -> (Vec<i64>, Vec<f32>) {
     let logits = logits.to_kind(Kind::Float);
     let (b, v) = (logits.size()[0], logits.size()[1]);
     let logp = logits.log_softmax(-1, Kind::Float);
+    let logits = match forbidden {
+        Some(mask) => logits.masked_fill(mask, f64::NEG_INFINITY),
+        None => logits,
+    };
     let next = if params.is_greedy() {
         logits.argmax(-1, false)
     } else {

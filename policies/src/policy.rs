@@ -463,9 +463,20 @@ impl Policy {
         let mut done = vec![false; b];
         let mut logits = rows.logits.shallow_clone();
         let mut last_logits = rows.logits.copy();
+        let mut last: Vec<i64> = Vec::new();
         tch::no_grad(|| {
             for step in 0..budget {
-                let (tokens, logprobs) = sample(&self.known(&logits), params, rngs);
+                let prev: Vec<i64> = match step {
+                    0 => rows
+                        .ids
+                        .iter()
+                        .map(|r| r.last().copied().unwrap_or(-1))
+                        .collect(),
+                    _ => last.clone(),
+                };
+                let forbidden = self.forbidden(&prev, params);
+                let (tokens, logprobs) =
+                    sample(&self.known(&logits), forbidden.as_ref(), params, rngs);
                 let mut ended = Vec::new();
                 for (i, (g, d)) in out.iter_mut().zip(done.iter_mut()).enumerate() {
                     if !*d {
@@ -497,6 +508,7 @@ impl Policy {
                         row.push(tokens[i]);
                     }
                 }
+                last = tokens;
             }
         });
         rows.logits = last_logits;
@@ -517,6 +529,23 @@ impl Policy {
         } else {
             logits.shallow_clone()
         }
+    }
+
+    /// The tokens that may not follow each of `prev` [B, vocab], when the
+    /// tokenizer constrains sampling to canonical sequences.
+    fn forbidden(&self, prev: &[i64], params: &SamplingParams) -> Option<Tensor> {
+        let canonical = self.tokenizer.canonical()?;
+        let v = self.tokenizer.vocab_size() as i64;
+        let stops: &[i64] = if params.ignore_eos {
+            &[]
+        } else {
+            &params.stop_token_ids
+        };
+        Some(
+            Tensor::from_slice(&canonical.forbidden(prev, stops))
+                .view([prev.len() as i64, v])
+                .to_device(self.device()),
+        )
     }
 
     /// Appends a sampled token; true when it ends the sequence.
@@ -585,7 +614,17 @@ impl Policy {
         for _ in 0..params.max_new_tokens {
             let (ids, mask) = pad_left(&seqs, self.tokenizer.pad_id());
             let logits = tch::no_grad(|| self.logits(&ids, &mask).select(1, -1));
-            let (tokens, logprobs) = sample(&self.known(&logits), params, &mut streams);
+            let prev: Vec<i64> = seqs
+                .iter()
+                .map(|s| s.last().copied().unwrap_or(-1))
+                .collect();
+            let forbidden = self.forbidden(&prev, params);
+            let (tokens, logprobs) = sample(
+                &self.known(&logits),
+                forbidden.as_ref(),
+                params,
+                &mut streams,
+            );
             for (i, (g, d)) in out.iter_mut().zip(done.iter_mut()).enumerate() {
                 if !*d {
                     seqs[i].push(tokens[i]);

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -33,7 +34,9 @@ const WORD_LEVEL_EOS_ID: u32 = 2;
 /// Always in a word-level vocabulary whatever the texts: every ASCII
 /// whitespace character (so any run of whitespace round-trips), the blank line
 /// between steps, and ChatML's role names (so both templates encode without
-/// `<unk>` even when the texts were not rendered with them).
+/// `<unk>` even when the texts were not rendered with them). Digits and ASCII
+/// punctuation, bare and after a space, are added to these (see
+/// [`always_pieces`]), so every number encodes, whatever the texts held.
 const WORD_LEVEL_BASE: [&str; 10] = [
     " ",
     "\t",
@@ -48,12 +51,24 @@ const WORD_LEVEL_BASE: [&str; 10] = [
 ];
 
 /// Word-level pieces, in order of preference: a line break (a blank line is
-/// one piece, as steps are separated by one), a word with the single space
-/// before it and any punctuation glued to it (`" mmol/L,"`, `" (B)"`,
-/// `" 2.6"`), or any other whitespace character alone. Every character falls in one piece,
-/// so concatenating the pieces gives the text back. Whitespace is spelled out
-/// (not `\s`) so Oniguruma (Python) and fancy-regex (Rust) split identically.
-const WORD_PATTERN: &str = r"\n\n?| ?[^ \t\n\r\x0B\x0C]+|[ \t\r\x0B\x0C]";
+/// one piece, as steps are separated by one), a run of ASCII letters with the
+/// single space before it, one digit or one other character (punctuation,
+/// non-ASCII) with the space before it, or any other whitespace character
+/// alone. Numbers are therefore read digit by digit, so "above the range" can
+/// be learned as a comparison rather than memorised per value, and a word's
+/// punctuation is its own piece (`" axis"` and `"."`), so the option text in a
+/// question and in an answer are the same ids. Every character falls in one
+/// piece, so concatenating the pieces gives the text back. Whitespace is
+/// spelled out (not `\s`) so Oniguruma (Python) and fancy-regex (Rust) split
+/// identically.
+const WORD_PATTERN: &str = r"\n\n?| ?[A-Za-z]+| ?[^A-Za-z \t\n\r\x0B\x0C]|[ \t\r\x0B\x0C]";
+
+/// The digits and ASCII punctuation, each bare and after a space.
+fn always_pieces() -> impl Iterator<Item = String> {
+    (b'!'..=b'~')
+        .filter(|b| !b.is_ascii_alphabetic())
+        .flat_map(|b| [(b as char).to_string(), format!(" {}", b as char)])
+}
 
 /// Tried in order when no `tokenizer_config.json` names the EOS token.
 const EOS_CANDIDATES: [&str; 4] = [ENDOFTEXT, IM_END, "</s>", "<eos>"];
@@ -115,6 +130,7 @@ pub struct Tokenizer {
     eos: u32,
     pad: u32,
     vocab_size: usize,
+    canonical: Option<Arc<Canonical>>,
 }
 
 impl Tokenizer {
@@ -176,15 +192,19 @@ impl Tokenizer {
         Ok(Self::with_specials(inner, eos, pad))
     }
 
-    /// A word-level tokenizer over the words of `texts` (SynthClinic's): a
-    /// word is whitespace-delimited, keeps the single space before it and any
-    /// punctuation glued to it, so a prompt costs one token per word and one
-    /// per line break. Lossless: `decode(encode(t)) == t` for any text made of
-    /// known words and any whitespace. Words seen fewer than `min_count` times
-    /// map to `<unk>`. Ids: `<pad>` 0, `<unk>` 1, `<|endoftext|>` 2 (EOS),
-    /// `<|im_start|>` 3, `<|im_end|>` 4, then words by descending count and
-    /// bytewise, so the same texts give a byte-identical `tokenizer.json`.
-    /// `<unk>` is not a special token, so decoding shows where text was lost.
+    /// A word-level tokenizer over the pieces of `texts` (SynthClinic's: the
+    /// training split and the textbook, never the test split, whose unseen
+    /// words would be ids that are never inputs or targets). A piece is a run
+    /// of letters with the space before it, one digit or punctuation mark
+    /// with the space before it, or whitespace (see `WORD_PATTERN`), so a
+    /// prompt costs one token per word, digit and mark. Lossless:
+    /// `decode(encode(t)) == t` for any text made of known words and any
+    /// digits, punctuation and whitespace. Words seen fewer than `min_count`
+    /// times map to `<unk>`, a special token: it decodes to nothing, is never
+    /// sampled (see [`Canonical`]) and never trained on. Ids: `<pad>` 0,
+    /// `<unk>` 1, `<|endoftext|>` 2 (EOS), `<|im_start|>` 3, `<|im_end|>` 4,
+    /// then pieces by descending count and bytewise, so the same texts give a
+    /// byte-identical `tokenizer.json`.
     pub fn word_level<'a>(texts: impl IntoIterator<Item = &'a str>, min_count: usize) -> Self {
         // Count pieces with a tokenizer that has the final pipeline, so the
         // counted pieces are exactly what `encode` will look up: special
@@ -195,8 +215,12 @@ impl Tokenizer {
             .map(|w| w.to_string())
             .collect();
         let probe = word_level_pipeline(&base);
-        let mut counts: HashMap<String, usize> =
-            WORD_LEVEL_BASE.iter().map(|w| (w.to_string(), 0)).collect();
+        let always: Vec<String> = WORD_LEVEL_BASE
+            .iter()
+            .map(|w| w.to_string())
+            .chain(always_pieces())
+            .collect();
+        let mut counts: HashMap<String, usize> = always.iter().map(|w| (w.clone(), 0)).collect();
         for text in texts {
             let encoding = probe
                 .encode(text, false)
@@ -217,7 +241,7 @@ impl Tokenizer {
             .into_iter()
             .filter(|(w, n)| {
                 !WORD_LEVEL_SPECIALS.contains(&w.as_str())
-                    && (*n >= min_count || WORD_LEVEL_BASE.contains(&w.as_str()))
+                    && (*n >= min_count || always.contains(w))
             })
             .collect();
         words.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -240,12 +264,26 @@ impl Tokenizer {
             .into_values()
             .max()
             .map_or(0, |id| id as usize + 1);
+        let canonical = match inner.get_model() {
+            tokenizers::ModelWrapper::WordLevel(_) => {
+                Some(Arc::new(Canonical::new(&inner, vocab_size)))
+            }
+            _ => None,
+        };
         Tokenizer {
             inner,
             eos,
             pad,
             vocab_size,
+            canonical,
         }
+    }
+
+    /// Which tokens may follow which so that sampled ids stay the encoding of
+    /// their own text; `None` for tokenizers (BPE) whose models are trained
+    /// on non-canonical merges too.
+    pub fn canonical(&self) -> Option<&Canonical> {
+        self.canonical.as_deref()
     }
 
     /// Writes `tokenizer.json` (pretty, as Python's `tokenizers` saves it) via
@@ -329,6 +367,110 @@ impl Tokenizer {
     }
 }
 
+/// The pairs of word-level tokens whose decoded texts would merge into other
+/// pieces when encoded again: a word after a word (`" of"` then `"Pulmonary"`
+/// decodes to `" ofPulmonary"`), anything but whitespace after a lone space
+/// (`" "` then `"5"` is `" 5"`), a line break after a single line break, and
+/// the specials, which decode to nothing, except the EOS that ends a
+/// completion (`<unk>`, `<pad>`, `<|im_start|>`; the sampler allows its stop
+/// tokens too).
+/// Sampling masks them, so `encode(decode(ids)) == ids` for every sequence a
+/// run generates and the cached row of a sampled text is the row a fresh
+/// prefill of that text builds (canonical sampling, as in arXiv:2506.07956).
+/// Because of `WORD_PATTERN`'s shape, allowed pairs make allowed sequences.
+#[derive(Debug)]
+pub struct Canonical {
+    /// Per token, bit k set when it ends the way rule k forbids a follower for.
+    ends: Vec<u8>,
+    /// Per rule k, the tokens it forbids after a token with bit k.
+    forbids: [Vec<bool>; 3],
+    /// Never sampled.
+    never: Vec<bool>,
+}
+
+const ENDS_LETTER: u8 = 1;
+const ENDS_LONE_SPACE: u8 = 2;
+const ENDS_LONE_NEWLINE: u8 = 4;
+
+impl Canonical {
+    fn new(inner: &tokenizers::Tokenizer, vocab_size: usize) -> Self {
+        let specials: HashMap<u32, String> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        let mut ends = vec![0u8; vocab_size];
+        let mut forbids = [(); 3].map(|_| vec![false; vocab_size]);
+        let mut never = vec![false; vocab_size];
+        let ws = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0B' | '\x0C');
+        for id in 0..vocab_size as u32 {
+            let i = id as usize;
+            if let Some(name) = specials.get(&id) {
+                // Decoding drops specials, so one inside a completion would be
+                // lost; only what ends it may be sampled (the sampler lets the
+                // stop tokens through as well, e.g. ChatML's `<|im_end|>`).
+                never[i] = name != ENDOFTEXT;
+                continue;
+            }
+            let Some(piece) = inner.id_to_token(id) else {
+                never[i] = true;
+                continue;
+            };
+            let (Some(first), Some(last)) = (piece.chars().next(), piece.chars().last()) else {
+                never[i] = true;
+                continue;
+            };
+            let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+            ends[i] = flag(last.is_ascii_alphabetic(), ENDS_LETTER)
+                | flag(piece == " ", ENDS_LONE_SPACE)
+                | flag(piece == "\n", ENDS_LONE_NEWLINE);
+            forbids[0][i] = first.is_ascii_alphabetic();
+            forbids[1][i] = !ws(first);
+            forbids[2][i] = first == '\n';
+        }
+        Canonical {
+            ends,
+            forbids,
+            never,
+        }
+    }
+
+    /// Whether `next` may be sampled right after `prev`.
+    pub fn allows(&self, prev: i64, next: i64) -> bool {
+        let Some(n) = usize::try_from(next).ok().filter(|&n| n < self.never.len()) else {
+            return false;
+        };
+        let ends = self.ends_of(prev);
+        !self.never[n] && (0..3).all(|k| ends & (1 << k) == 0 || !self.forbids[k][n])
+    }
+
+    fn ends_of(&self, prev: i64) -> u8 {
+        usize::try_from(prev)
+            .ok()
+            .and_then(|p| self.ends.get(p))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The forbidden tokens after each of `prev`, row-major [rows, vocab],
+    /// except the `stops` that end a completion.
+    pub fn forbidden(&self, prev: &[i64], stops: &[i64]) -> Vec<bool> {
+        let v = self.never.len();
+        let mut out = Vec::with_capacity(prev.len() * v);
+        for &p in prev {
+            let ends = self.ends_of(p);
+            let rules: Vec<&Vec<bool>> = (0..3)
+                .filter(|k| ends & (1 << k) != 0)
+                .map(|k| &self.forbids[k])
+                .collect();
+            out.extend((0..v).map(|n| {
+                (self.never[n] && !stops.contains(&(n as i64))) || rules.iter().any(|r| r[n])
+            }));
+        }
+        out
+    }
+}
+
 /// The word-level tokenizer over `vocab` (ids in order): the piece pattern,
 /// a WordLevel model, and a Fuse decoder that concatenates pieces unchanged.
 fn word_level_pipeline(vocab: &[String]) -> tokenizers::Tokenizer {
@@ -353,7 +495,7 @@ fn word_level_pipeline(vocab: &[String]) -> tokenizers::Tokenizer {
     tokenizer
         .with_pre_tokenizer(Some(split))
         .with_decoder(Some(Fuse::new()));
-    let specials: Vec<AddedToken> = [PAD, ENDOFTEXT, IM_START, IM_END]
+    let specials: Vec<AddedToken> = [PAD, UNK, ENDOFTEXT, IM_START, IM_END]
         .into_iter()
         .map(|t| AddedToken::from(t, true))
         .collect();

@@ -156,7 +156,7 @@ fn edge_texts() -> Vec<String> {
 }
 
 #[test]
-fn every_synthclinic_text_round_trips_with_one_token_per_word() {
+fn every_synthclinic_text_round_trips_with_one_token_per_word_digit_and_mark() {
     let t = texts();
     let tok = synth_tokenizer();
     let unk = tok.token_id("<unk>").expect("<unk> in the vocabulary");
@@ -170,16 +170,21 @@ fn every_synthclinic_text_round_trips_with_one_token_per_word() {
             .fold(text.clone(), |t, special| t.replace(special, ""));
         assert_eq!(tok.decode(&ids).expect("decode"), expected);
     }
-    // A prompt has single spaces and line breaks only: each word, with the
-    // space before it and its punctuation, is one token, as is each line break.
+    // A prompt has single spaces and line breaks only: each run of letters
+    // (with the space before it), each digit and each punctuation mark is
+    // one token, as is each line break.
     let mut prompt_tokens = 0;
     for p in &t.prompts {
         let n = tok.encode(p).expect("encode").len();
-        assert_eq!(
-            n,
-            p.split_whitespace().count() + p.matches('\n').count(),
-            "{p:?}"
-        );
+        let words = p
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .filter(|w| !w.is_empty())
+            .count();
+        let others = p
+            .chars()
+            .filter(|c| !c.is_ascii_alphabetic() && *c != ' ' && *c != '\n')
+            .count();
+        assert_eq!(n, words + others + p.matches('\n').count(), "{p:?}");
         prompt_tokens += n;
     }
     let chain_tokens: usize = t
@@ -272,7 +277,7 @@ fn the_same_texts_give_a_byte_identical_tokenizer_json() {
 
 #[test]
 fn vocabulary_is_ordered_by_count_then_bytes_after_the_specials() {
-    let tok = Tokenizer::word_level(["x y y", "z y\n"], 1);
+    let tok = Tokenizer::word_level(["x y y.", "z y\n"], 1);
     let order = [
         "<pad>",
         "<unk>",
@@ -281,42 +286,111 @@ fn vocabulary_is_ordered_by_count_then_bytes_after_the_specials() {
         "<|im_end|>",
         " y", // 3
         "\n", // 1 (base tokens are counted like any word)
+        ".",  // 1
         "x",  // 1
         "z",  // 1
-        "\t", // 0: the rest are always-present base tokens
+        "\t", // 0: the rest are always-present base tokens, bytewise
         "\n\n",
         "\x0B",
         "\x0C",
         "\r",
         " ",
-        "assistant",
-        "system",
-        "user",
+        " !",
     ];
     for (id, token) in order.iter().enumerate() {
         assert_eq!(tok.token_id(token), Some(id as i64), "{token:?}");
     }
-    assert_eq!(tok.vocab_size(), order.len());
+    // Every digit and ASCII mark, bare and after a space, and the role names.
+    for piece in ["0", " 9", "/", " (", "~", "assistant", "system", "user"] {
+        assert!(tok.token_id(piece).is_some(), "{piece:?}");
+    }
+    // Specials, counted pieces, whitespace, role names, marks and digits
+    // bare and spaced ("." is among the counted ones).
+    assert_eq!(tok.vocab_size(), 5 + 5 + 6 + 3 + 2 * 42 - 1);
 }
 
 #[test]
-fn rare_and_unknown_words_map_to_unk_and_decode_visibly() {
+fn rare_and_unknown_words_map_to_unk_which_is_special() {
     let tok = Tokenizer::word_level(["a b b c c c"], 2);
     let unk = tok.token_id("<unk>").expect("<unk>");
     assert_eq!(unk, 1);
     assert_eq!(tok.token_id("a"), None, "seen once, below min_count");
     let b = tok.token_id(" b").expect("seen twice");
     assert_eq!(
-        tok.encode("a b zyzzyva").expect("encode"),
-        vec![unk, b, unk]
+        tok.encode("a b zyzzyva 42.").expect("encode"),
+        vec![
+            unk,
+            b,
+            unk,
+            tok.token_id(" 4").unwrap(),
+            tok.token_id("2").unwrap(),
+            tok.token_id(".").unwrap()
+        ]
     );
-    assert_eq!(tok.decode(&[unk, b, unk]).expect("decode"), "<unk> b<unk>");
+    // A special token: decoding drops it, and sampling never draws it.
+    assert_eq!(tok.decode(&[unk, b, unk]).expect("decode"), " b");
+    let canonical = tok.canonical().expect("word-level sampling is constrained");
+    assert!(!canonical.allows(b, unk));
     // Whitespace always round-trips, whatever the texts were.
     let ws = " \t\n\r\n\n\x0B\x0C   \n\n\n\n\n";
     assert_eq!(
         tok.decode(&tok.encode(ws).expect("encode"))
             .expect("decode"),
         ws
+    );
+}
+
+/// Canonical sampling: every text of the world is a sequence the constraint
+/// allows (so it never masks what training taught), and every sequence it
+/// allows, drawn at random from the whole vocabulary, decodes to a text that
+/// encodes back to the same ids. Without the constraint the random walk
+/// breaks this within a few steps.
+#[test]
+fn canonically_sampled_ids_encode_back_to_themselves() {
+    use rand::{RngExt, SeedableRng};
+    let tok = synth_tokenizer();
+    let canonical = tok.canonical().expect("word-level");
+    // Specials (ids 0 to 4) frame turns in a prompt; a completion holds none
+    // but the one that ends it.
+    for text in texts().all() {
+        let ids = tok.encode(&text).expect("encode");
+        for pair in ids.windows(2).filter(|p| p[1] > 4) {
+            assert!(
+                canonical.allows(pair[0], pair[1]),
+                "{text:?}: the constraint forbids {:?} after {:?}",
+                tok.decode(&pair[1..]).unwrap(),
+                tok.decode(&pair[..1]).unwrap()
+            );
+        }
+    }
+    let v = tok.vocab_size() as i64;
+    let im_end = tok.token_id("<|im_end|>").unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (mut broken_free, mut broken_constrained) = (0, 0);
+    for _ in 0..300 {
+        let (mut free, mut constrained) = (vec![tok.eos_id()], vec![tok.eos_id()]);
+        for _ in 0..40 {
+            free.push(rng.random_range(5..v));
+            let prev = *constrained.last().unwrap();
+            // A turn ends at EOS or <|im_end|>: nothing is sampled after them.
+            let allowed: Vec<i64> = (0..v)
+                .filter(|&n| canonical.allows(prev, n) && ![tok.eos_id(), im_end].contains(&n))
+                .collect();
+            constrained.push(allowed[rng.random_range(0..allowed.len())]);
+        }
+        for (ids, broken) in [
+            (&free, &mut broken_free),
+            (&constrained, &mut broken_constrained),
+        ] {
+            let text = tok.decode(ids).expect("decode");
+            let again = tok.encode(&text).expect("encode");
+            *broken += (again != ids[1..]) as usize;
+        }
+    }
+    assert_eq!(broken_constrained, 0);
+    assert!(
+        broken_free > 250,
+        "the unconstrained walk should break: {broken_free}"
     );
 }
 
