@@ -44,7 +44,9 @@ const TINY: &[&str] = &[
     "stages.10.sampling.max_new_tokens=64",
     "stages.11.problems=24",
     "stages.11.sampling.samples=8",
-    "stages.11.sampling.max_new_tokens=64",
+    // Long enough for a whole chain (about 175 tokens with its lab
+    // readings), so the curriculum's samples include right and wrong ones.
+    "stages.11.sampling.max_new_tokens=256",
     "stages.11.eval.max_new_tokens=64",
     "stages.12.eval.samples=2",
     "stages.12.eval.limit=20",

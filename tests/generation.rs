@@ -256,7 +256,8 @@ fn self_corrections_and_their_pairs_carry_the_sampled_ids() {
         sampling: SamplingConfig {
             samples: 4,
             temperature: 0.7,
-            max_new_tokens: 160,
+            // A whole chain with its lab readings is about 175 tokens.
+            max_new_tokens: 320,
             ..SamplingConfig::default()
         },
         template: PromptTemplate::Plain,

@@ -452,7 +452,7 @@ init = "chains"
 [stages.sampling]
 samples = 4
 temperature = 0.8
-max_new_tokens = 160
+max_new_tokens = 320
 [stages.grpo]
 beta = 0.04
 [stages.runtime]
@@ -792,7 +792,7 @@ init = "chains"
 [stages.sampling]
 samples = 4
 temperature = 0.8
-max_new_tokens = 160
+max_new_tokens = 320
 [stages.rloo]
 beta = 0.05
 [stages.learner]

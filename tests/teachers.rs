@@ -105,7 +105,7 @@ fn a_local_model_teaches_screens_corrects_and_judges() {
         let sampler = Sampler {
             cfg: SamplingConfig {
                 samples: 4,
-                max_new_tokens: 160,
+                max_new_tokens: 320,
                 ..Default::default()
             },
             template: PromptTemplate::Plain,

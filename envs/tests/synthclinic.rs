@@ -89,8 +89,10 @@ fn gold_chains_verify_and_every_step_is_labelled_correct() {
     }
 }
 
-/// Replaces the conclusion of the first derivation step with another
-/// mechanism: that step and the ones built on it must be labelled wrong.
+/// Replaces the conclusion of the first derivation the disease rests on with
+/// another mechanism: that step and the ones built on it must be labelled
+/// wrong (the chain also derives distractors' mechanisms, which nothing
+/// after them needs).
 #[test]
 fn corrupted_steps_are_labelled_wrong_from_the_first_corruption() {
     let w = world(2);
@@ -100,9 +102,12 @@ fn corrupted_steps_are_labelled_wrong_from_the_first_corruption() {
     for p in &w.test {
         let case = Case::from_problem(p).unwrap();
         let chain = o.truth().gold_chain(p).unwrap();
+        let inputs = kb.diseases[case.disease]
+            .inputs
+            .map(|m| format!(" indicates {}.", kb.mechanisms[m].name));
         let k = chain
             .iter()
-            .position(|s| s.text.contains(" together with "))
+            .position(|s| inputs.iter().any(|i| s.text.ends_with(i.as_str())))
             .unwrap();
         let (premises, conclusion) = chain[k]
             .text
@@ -226,6 +231,136 @@ fn teacher_noise_makes_it_wrong_on_that_share_and_screening_catches_most() {
     let recall = flagged_wrong as f64 / wrong as f64;
     assert!((0.7..0.9).contains(&recall), "screen recall {recall}");
     assert!((flagged_right as f64 / (w.train.len() - wrong) as f64) < 0.1);
+}
+
+/// The gold chain is forward inference: it reads every lab the question
+/// shows, in the question's order, before any derivation; each derivation's
+/// premises are mentioned no later than the next one's; and on a share of
+/// questions it derives a distractor's mechanism too, so its early steps do
+/// not give the answer away.
+#[test]
+fn gold_chains_read_the_case_forward() {
+    let w = world(5);
+    let o = w.oracle(OracleConfig::default());
+    let kb = o.kb();
+    let mut with_distractor = 0;
+    for p in w.train.iter().chain(&w.test) {
+        let case = Case::from_problem(p).unwrap();
+        let chain = o.truth().gold_chain(p).unwrap();
+        let labs: Vec<String> = case.labs.iter().map(|&(l, v)| lab_step(kb, l, v)).collect();
+        let texts: Vec<&str> = chain.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(
+            &texts[..labs.len()],
+            &labs.iter().map(String::as_str).collect::<Vec<_>>()[..],
+            "{}",
+            p.id
+        );
+        let answer_inputs = kb.diseases[case.disease]
+            .inputs
+            .map(|m| kb.mechanisms[m].name.clone());
+        let derived: Vec<&str> = texts[labs.len()..]
+            .iter()
+            .filter_map(|t| {
+                t.strip_suffix('.')?
+                    .split_once(" indicates ")
+                    .map(|(_, c)| c)
+            })
+            .collect();
+        let mechanisms = derived.len() - 1;
+        assert!(mechanisms >= 2, "{}: {texts:?}", p.id);
+        with_distractor += derived[..mechanisms]
+            .iter()
+            .any(|c| !answer_inputs.iter().any(|a| a == c)) as usize;
+    }
+    let share = with_distractor as f64 / (w.train.len() + w.test.len()) as f64;
+    println!(
+        "gold chains deriving a distractor's mechanism: {:.1}%",
+        100.0 * share
+    );
+    assert!(share > 0.05, "only {share} of chains weigh a distractor");
+}
+
+/// Labels check meaning: an abnormal lab is a premise only once read; the
+/// right reading at a wrong value is wrong; the right answer with nothing
+/// derived is a lucky guess, labelled wrong; a noisy teacher's chain goes
+/// wrong exactly at the disease it misattributes and answers what it derived.
+#[test]
+fn labels_follow_meaning_not_strings() {
+    let w = world(6);
+    let o = w.oracle(OracleConfig {
+        noise: 0.5,
+        seed: 3,
+        ..Default::default()
+    });
+    let kb = o.kb();
+    let truth = o.truth();
+    let (mut lab_premises, mut noisy) = (0, 0);
+    for p in &w.test {
+        let case = Case::from_problem(p).unwrap();
+        let gold = truth.gold_chain(p).unwrap();
+        let n_labs = case.labs.len();
+        // Skipping the lab readings breaks every derivation that needs one.
+        let needs_lab = gold[n_labs..].iter().position(|s| {
+            s.text.contains(" together with ")
+                && (s.text.contains("High ")
+                    || s.text.contains("Low ")
+                    || s.text.contains(" high ")
+                    || s.text.contains(" low "))
+        });
+        if let Some(k) = needs_lab {
+            let labels = truth.label_steps(p, &gold[n_labs..]).unwrap();
+            assert!(
+                !labels[k],
+                "{}: an unread lab is no premise: {}",
+                p.id,
+                gold[n_labs + k].text
+            );
+            lab_premises += 1;
+        }
+        // Right reading, wrong value.
+        let (lab, value) = case.labs[0];
+        let l = &kb.labs[lab];
+        let shifted =
+            lab_step(kb, lab, value).replacen(&l.fmt(value), &format!("{}9", l.fmt(value)), 1);
+        assert_eq!(
+            truth.label_steps(p, &[Step::new(shifted.clone())]).unwrap(),
+            [false],
+            "{shifted}"
+        );
+        // The gold answer alone is a guess.
+        let guess = Step::new(finish_step(p.gold_text().unwrap()));
+        assert_eq!(truth.label_steps(p, &[guess]).unwrap(), [false]);
+        // The teacher's chain.
+        let chain = o.chain(p).unwrap();
+        let labels = truth.label_steps(p, &chain).unwrap();
+        if o.is_noisy(p) {
+            noisy += 1;
+            let first = labels
+                .iter()
+                .position(|&l| !l)
+                .expect("a noisy chain has a wrong step");
+            assert!(
+                chain[first].text.contains(" together with "),
+                "{}",
+                chain[first].text
+            );
+            assert!(
+                chain[first + 1..]
+                    .iter()
+                    .zip(&labels[first + 1..])
+                    .all(|(_, &l)| !l)
+            );
+            assert!(!verify::verify(p, &render_chain(&chain)).correct);
+            assert_eq!(o.truth().first_wrong_step(p, &chain).unwrap(), Some(first));
+        } else {
+            assert!(labels.iter().all(|&l| l));
+            assert_eq!(chain, gold);
+        }
+    }
+    assert!(
+        lab_premises > 10 && noisy > 10,
+        "{lab_premises} lab premises, {noisy} noisy"
+    );
 }
 
 #[test]

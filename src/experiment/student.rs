@@ -1,6 +1,6 @@
 //! The base student of a run: an HF model folder (`student.from`), or a
 //! fresh Llama-family decoder over a word-level vocabulary of the world's
-//! texts.
+//! training texts.
 
 use super::config::Config;
 use anyhow::Result;
@@ -22,7 +22,10 @@ pub fn base_student(cfg: &Config, world: &SynthClinic, device: tch::Device) -> R
     let truth = world.truth();
     let template = cfg.student.template;
     let mut texts: Vec<String> = world.textbook.clone();
-    for p in world.train.iter().chain(&world.test) {
+    // Training split and textbook only: a word only the test split holds
+    // would be an id that is never an input or a target, so training could
+    // only push its logit down; such words read as <unk> instead.
+    for p in &world.train {
         texts.push(template.render(&p.prompt_text()));
         if let Ok(steps) = truth.gold_chain(p) {
             texts.push(medzero_envs::render_chain(&steps));

@@ -85,11 +85,16 @@ impl SelfCorrection<'_> {
                 let prefix_ids = policy.tokenizer.encode(&prefix)?;
                 let mut context = prompt.to_vec();
                 context.extend(&prefix_ids);
-                let params = self
+                let mut params = self
                     .sampling
                     .params(policy.tokenizer.end_of_turn_id(self.template));
+                // The retry continues a long prefix: it gets what room the
+                // context has left, and none is no retry.
                 let room = policy.config().max_position_embeddings as usize;
-                if context.len() + params.max_new_tokens > room {
+                params.max_new_tokens = params
+                    .max_new_tokens
+                    .min(room.saturating_sub(context.len()));
+                if params.max_new_tokens == 0 {
                     return Ok(None);
                 }
                 for g in policy.sample_n(&context, self.retries, &params, rng)? {

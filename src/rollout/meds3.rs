@@ -47,7 +47,7 @@ impl Default for StepGeneration {
     fn default() -> Self {
         StepGeneration {
             step_max_tokens: 48,
-            rollout_max_tokens: 160,
+            rollout_max_tokens: 320,
             temperature: 1.0,
             top_p: 0.9,
             first_round_temperature: 0.6,

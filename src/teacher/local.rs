@@ -39,7 +39,7 @@ impl Default for LocalTeacherConfig {
         LocalTeacherConfig {
             model: PathBuf::new(),
             template: None,
-            max_new_tokens: 160,
+            max_new_tokens: 320,
             screen_samples: 8,
             screen_agreement: 0.75,
             temperature: 0.7,

@@ -76,6 +76,15 @@ fn encode(policy: &Policy, e: &Example, end: i64, max_len: usize) -> Result<Enco
     }
     ids.push(end);
     targets.push(1);
+    // An unknown word is context at most: a model taught to write <unk>
+    // would write text that is lost on decoding.
+    if let Some(unk) = tok.token_id("<unk>") {
+        for (id, t) in ids.iter().zip(targets.iter_mut()) {
+            if *id == unk {
+                *t = 0;
+            }
+        }
+    }
     ids.truncate(max_len);
     targets.truncate(max_len);
     Ok(Encoded { ids, targets })

@@ -87,6 +87,20 @@ fn join_and(items: &[String]) -> String {
     }
 }
 
+/// The values, as printed, of the labs the answer's disease requires.
+pub fn required_lab_values(kb: &Kb, case: &Case) -> Vec<String> {
+    let required = kb.required_findings(case.disease);
+    case.labs
+        .iter()
+        .filter(|&&(lab, _)| {
+            required.iter().any(
+                |&f| matches!(kb.findings[f].kind, FindingKind::Lab { lab: l, .. } if l == lab),
+            )
+        })
+        .map(|&(lab, v)| kb.labs[lab].fmt(v))
+        .collect()
+}
+
 /// The answer's text for a disease under a task.
 pub fn answer_text(kb: &Kb, task: Task, disease: usize) -> &str {
     let d = &kb.diseases[disease];

@@ -1,23 +1,54 @@
 //! Reasoning steps about a case: the gold chain in MedS3's "Step k:" format,
-//! and the inverse: reading any step back into a claim and checking it
-//! against the KB and the case. Every step of a gold chain is checkable.
+//! and the inverse: reading any step back into a claim and checking its
+//! meaning against the KB and the case. Every step of a gold chain is
+//! checkable, and every step can change the outcome: an abnormal lab is a
+//! premise only once a step has read it against its range.
 
 use super::case::{Case, Task, answer_text};
 use super::kb::{Entity, FindingKind, Kb};
 use crate::problem::{Problem, Step};
 use crate::verify;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Where a lab value lies against its reference range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    High,
+    Low,
+    Normal,
+}
+
+impl Reading {
+    pub fn of(lab: &super::kb::Lab, value: f64) -> Reading {
+        if value > lab.high {
+            Reading::High
+        } else if value < lab.low {
+            Reading::Low
+        } else {
+            Reading::Normal
+        }
+    }
+
+    fn relation(self) -> &'static str {
+        match self {
+            Reading::High => "above",
+            Reading::Low => "below",
+            Reading::Normal => "within",
+        }
+    }
+}
 
 /// What a step asserts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
-    /// `lab` shows `value` (as printed), which is above/below its range: `finding`.
+    /// `lab` shows `value` (as printed), which lies `reading` its range; an
+    /// abnormal reading names the `finding` it establishes.
     Lab {
         lab: usize,
         value: String,
-        high: bool,
+        reading: Reading,
         range: String,
-        finding: String,
+        finding: Option<String>,
     },
     /// Two premises imply a conclusion (a mechanism or a disease), by name.
     Derive {
@@ -44,19 +75,33 @@ fn capitalize(s: &str) -> String {
     }
 }
 
+/// A lab read against its range: `"Serum TSH of 4.4 mIU/L is above the
+/// reference range of 0.4-4.0 mIU/L, indicating high serum TSH."`, or
+/// `"... is within the reference range of ..."` for a normal value.
 pub fn lab_step(kb: &Kb, lab: usize, value: f64) -> String {
     let l = &kb.labs[lab];
-    let high = value > l.high;
-    format!(
-        "{} of {} {} is {} the reference range of {}, indicating {} {}.",
+    let reading = Reading::of(l, value);
+    let head = format!(
+        "{} of {} {} is {} the reference range of {}",
         capitalize(&l.name),
         l.fmt(value),
         l.unit,
-        if high { "above" } else { "below" },
+        reading.relation(),
         l.range(),
-        if high { "high" } else { "low" },
-        l.name
-    )
+    );
+    match lab_finding_name(l, reading) {
+        Some(finding) => format!("{head}, indicating {finding}."),
+        None => format!("{head}."),
+    }
+}
+
+/// The finding an abnormal reading establishes (`"high serum TSH"`).
+fn lab_finding_name(l: &super::kb::Lab, reading: Reading) -> Option<String> {
+    match reading {
+        Reading::High => Some(format!("high {}", l.name)),
+        Reading::Low => Some(format!("low {}", l.name)),
+        Reading::Normal => None,
+    }
 }
 
 pub fn derive_step(a: &str, b: &str, conclusion: &str) -> String {
@@ -81,61 +126,120 @@ pub fn finish_step(text: &str) -> String {
     format!("The answer is {text}.")
 }
 
-/// The gold chain: interpret the abnormal labs the diagnosis needs, derive
-/// mechanisms bottom-up, the disease, then the test or treatment, then answer.
-pub fn gold_chain(kb: &Kb, case: &Case) -> Vec<Step> {
-    let mut steps = Vec::new();
-    let required = kb.required_findings(case.disease);
-    for &(lab, value) in &case.labs {
-        let is_required = required
-            .iter()
-            .any(|&f| matches!(kb.findings[f].kind, FindingKind::Lab { lab: l, .. } if l == lab));
-        if is_required {
-            steps.push(Step::new(lab_step(kb, lab, value)));
-        }
-    }
-    let mut done = BTreeSet::new();
-    let d = &kb.diseases[case.disease];
-    for m in d.inputs {
-        push_derivations(kb, m, &mut done, &mut steps);
-    }
-    steps.push(Step::new(derive_step(
-        &kb.mechanisms[d.inputs[0]].name,
-        &kb.mechanisms[d.inputs[1]].name,
-        &d.name,
-    )));
-    match case.task {
-        Task::Diagnosis => {}
-        Task::NextTest => steps.push(Step::new(test_step(&d.name, &kb.tests[d.test]))),
-        Task::Treatment => steps.push(Step::new(treatment_step(
-            &d.name,
-            &kb.treatments[d.treatment],
-        ))),
-    }
-    steps.push(Step::new(finish_step(answer_text(
-        kb,
-        case.task,
-        case.disease,
-    ))));
-    steps
+/// The gold chain, as forward inference from the case: read every lab
+/// against its range in the order the question lists them, derive every
+/// mechanism the established findings support that bears on an option
+/// (earliest premises first, so the order follows the case, not the KB),
+/// conclude the one option disease those mechanisms imply, then its test or
+/// treatment, then answer. Distractors' mechanisms are derived too when the
+/// case supports them, so no early step gives the answer away.
+pub fn gold_chain(kb: &Kb, case: &Case, question: &str) -> Vec<Step> {
+    chain_to(kb, case, question, case.disease)
 }
 
-fn push_derivations(kb: &Kb, m: usize, done: &mut BTreeSet<usize>, steps: &mut Vec<Step>) {
-    if done.contains(&m) {
-        return;
-    }
-    let [a, b] = kb.mechanisms[m].inputs;
-    for e in [a, b] {
-        if let Entity::Mechanism(sub) = e {
-            push_derivations(kb, sub, done, steps);
+/// The chain a reasoner who concludes `believed` writes: the gold chain's
+/// readings and derivations, then `believed` drawn from the two mechanisms
+/// that imply the true disease. For a distractor that one step is false in
+/// the KB (an error of content a checker can find), and everything after it
+/// follows from it, so the chain answers what it derived.
+pub fn chain_to(kb: &Kb, case: &Case, question: &str, believed: usize) -> Vec<Step> {
+    let mut steps: Vec<Step> = case
+        .labs
+        .iter()
+        .map(|&(lab, value)| Step::new(lab_step(kb, lab, value)))
+        .collect();
+    // Rank of each established premise: where the question mentions it, and
+    // derived mechanisms after every finding, in derivation order.
+    let mention = |name: &str| question.find(name).unwrap_or(question.len());
+    let mut rank: BTreeMap<Entity, usize> = BTreeMap::new();
+    for &f in &case.findings {
+        let shown = match kb.findings[f].kind {
+            FindingKind::Lab { lab, high } => {
+                let value = case.labs.iter().find(|&&(l, _)| l == lab).map(|&(_, v)| v);
+                value.is_some_and(|v| {
+                    Reading::of(&kb.labs[lab], v) == if high { Reading::High } else { Reading::Low }
+                })
+            }
+            _ => true,
+        };
+        if shown {
+            let name = match kb.findings[f].kind {
+                FindingKind::Lab { lab, .. } => kb.labs[lab].name.as_str(),
+                _ => kb.findings[f].name.as_str(),
+            };
+            rank.insert(Entity::Finding(f), mention(name));
         }
     }
-    done.insert(m);
+    let relevant = relevant_mechanisms(kb, &case.option_diseases);
+    let mut next_rank = question.len() + 1;
+    loop {
+        let ready = relevant
+            .iter()
+            .filter(|m| !rank.contains_key(&Entity::Mechanism(**m)))
+            .filter_map(|&m| {
+                let [a, b] = kb.mechanisms[m].inputs;
+                let (ra, rb) = (*rank.get(&a)?, *rank.get(&b)?);
+                Some((
+                    (ra.max(rb), ra.min(rb), m),
+                    if ra <= rb { [a, b] } else { [b, a] },
+                ))
+            })
+            .min();
+        let Some(((_, _, m), [a, b])) = ready else {
+            break;
+        };
+        steps.push(Step::new(derive_step(
+            kb.entity_name(a),
+            kb.entity_name(b),
+            &kb.mechanisms[m].name,
+        )));
+        rank.insert(Entity::Mechanism(m), next_rank);
+        next_rank += 1;
+    }
+    let d = &kb.diseases[case.disease];
+    let [a, b] = d.inputs.map(Entity::Mechanism);
+    let [a, b] = match (rank.get(&a), rank.get(&b)) {
+        (Some(ra), Some(rb)) if rb < ra => [b, a],
+        _ => [a, b],
+    };
+    let believed_d = &kb.diseases[believed];
     steps.push(Step::new(derive_step(
         kb.entity_name(a),
         kb.entity_name(b),
-        &kb.mechanisms[m].name,
+        &believed_d.name,
     )));
+    match case.task {
+        Task::Diagnosis => {}
+        Task::NextTest => steps.push(Step::new(test_step(
+            &believed_d.name,
+            &kb.tests[believed_d.test],
+        ))),
+        Task::Treatment => steps.push(Step::new(treatment_step(
+            &believed_d.name,
+            &kb.treatments[believed_d.treatment],
+        ))),
+    }
+    steps.push(Step::new(finish_step(answer_text(kb, case.task, believed))));
+    steps
+}
+
+/// Every mechanism some option's disease rests on, through every level.
+fn relevant_mechanisms(kb: &Kb, diseases: &[usize]) -> BTreeSet<usize> {
+    let mut out = BTreeSet::new();
+    let mut stack: Vec<usize> = diseases
+        .iter()
+        .flat_map(|&d| kb.diseases[d].inputs)
+        .collect();
+    while let Some(m) = stack.pop() {
+        if out.insert(m) {
+            for e in kb.mechanisms[m].inputs {
+                if let Entity::Mechanism(sub) = e {
+                    stack.push(sub);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Reads a step back into a claim; `None` when it follows no known template.
@@ -168,14 +272,17 @@ pub fn parse_claim(kb: &Kb, text: &str) -> Option<Claim> {
             conclusion: conclusion.into(),
         });
     }
-    let (left, finding) = body.split_once(", indicating ")?;
-    let (subject, high, range) =
-        if let Some((s, r)) = left.split_once(" is above the reference range of ") {
-            (s, true, r)
-        } else {
-            let (s, r) = left.split_once(" is below the reference range of ")?;
-            (s, false, r)
-        };
+    let (left, finding) = match body.split_once(", indicating ") {
+        Some((left, finding)) => (left, Some(finding.to_string())),
+        None => (body, None),
+    };
+    let (subject, reading, range) = [Reading::High, Reading::Low, Reading::Normal]
+        .into_iter()
+        .find_map(|r| {
+            let sep = format!(" is {} the reference range of ", r.relation());
+            left.split_once(sep.as_str())
+                .map(|(s, range)| (s, r, range))
+        })?;
     let (lab_name, value_unit) = subject.split_once(" of ")?;
     let lab = kb
         .labs
@@ -188,22 +295,32 @@ pub fn parse_claim(kb: &Kb, text: &str) -> Option<Claim> {
     Some(Claim::Lab {
         lab,
         value,
-        high,
+        reading,
         range: range.into(),
-        finding: finding.into(),
+        finding,
     })
 }
 
-/// Ground-truth labels for any chain about a SynthClinic case: a step is
-/// correct when its claim is true in the KB and its premises are established
-/// (findings the patient has, or conclusions of earlier correct steps). A step
-/// built on a wrong earlier conclusion is therefore wrong too.
+/// Ground-truth labels for any chain about a SynthClinic case, by meaning:
+/// - a lab step is correct when it reads a lab the question shows, at the
+///   value shown, on the right side of its range (and an abnormal one names
+///   the finding that side means); only then is that finding established;
+/// - a derivation when the KB implies its conclusion from its two premises
+///   and both are established (a symptom or sign of the case, a finding read
+///   by an earlier correct lab step, or an earlier correct conclusion);
+/// - a test or treatment when it is the KB's for an established disease;
+/// - a Finish step when its answer is an option and the answer an
+///   established disease calls for, so a lucky guess is wrong.
+///
+/// A step built on a wrong earlier conclusion is therefore wrong too.
 pub fn label_steps(kb: &Kb, case: &Case, problem: &Problem, steps: &[Step]) -> Vec<bool> {
     let mut established: BTreeSet<String> = case
         .findings
         .iter()
+        .filter(|&&f| !matches!(kb.findings[f].kind, FindingKind::Lab { .. }))
         .map(|&f| kb.findings[f].name.to_lowercase())
         .collect();
+    let mut diseases: BTreeSet<usize> = BTreeSet::new();
     steps
         .iter()
         .map(|s| {
@@ -211,35 +328,50 @@ pub fn label_steps(kb: &Kb, case: &Case, problem: &Problem, steps: &[Step]) -> V
                 return false;
             };
             match claim {
-                Claim::Finish => verify::verify(problem, &s.text).correct,
+                Claim::Finish => {
+                    let v = verify::verify(problem, &s.text);
+                    let chosen = v
+                        .chosen
+                        .as_deref()
+                        .and_then(|letter| problem.option(letter))
+                        .map(|c| c.text.as_str());
+                    chosen.is_some_and(|text| {
+                        diseases
+                            .iter()
+                            .any(|&d| answer_text(kb, case.task, d) == text)
+                    })
+                }
                 Claim::Lab {
                     lab,
                     value,
-                    high,
+                    reading,
                     range,
                     finding,
                 } => {
                     let l = &kb.labs[lab];
-                    case.labs.iter().any(|&(cl, v)| {
-                        cl == lab
-                            && l.fmt(v) == value
-                            && (if high { v > l.high } else { v < l.low })
+                    let ok = case.labs.iter().any(|&(cl, v)| {
+                        cl == lab && l.fmt(v) == value && Reading::of(l, v) == reading
                     }) && range == l.range()
-                        && finding.eq_ignore_ascii_case(&format!(
-                            "{} {}",
-                            if high { "high" } else { "low" },
-                            l.name
-                        ))
+                        && finding.map(|f| f.to_lowercase())
+                            == lab_finding_name(l, reading).map(|f| f.to_lowercase());
+                    if ok && let Some(f) = lab_finding_name(l, reading) {
+                        established.insert(f.to_lowercase());
+                    }
+                    ok
                 }
                 Claim::Derive { a, b, conclusion } => {
                     let (a, b) = (a.to_lowercase(), b.to_lowercase());
-                    let ok = established.contains(&a)
-                        && established.contains(&b)
-                        && derivation_holds(kb, &a, &b, &conclusion);
-                    if ok {
-                        established.insert(conclusion.to_lowercase());
+                    let implied = (established.contains(&a) && established.contains(&b))
+                        .then(|| derivation(kb, &a, &b, &conclusion))
+                        .flatten();
+                    match implied {
+                        Some(d) => {
+                            established.insert(conclusion.to_lowercase());
+                            diseases.extend(d);
+                            true
+                        }
+                        None => false,
                     }
-                    ok
                 }
                 Claim::Test { disease, test } => {
                     established.contains(&disease.to_lowercase())
@@ -272,17 +404,22 @@ fn entity_by_name(kb: &Kb, name: &str) -> Option<Entity> {
         })
 }
 
-fn derivation_holds(kb: &Kb, a: &str, b: &str, conclusion: &str) -> bool {
-    let (Some(ea), Some(eb)) = (entity_by_name(kb, a), entity_by_name(kb, b)) else {
-        return false;
-    };
+/// Whether the KB implies `conclusion` from premises `a` and `b`: `None`
+/// when it does not, `Some(Some(d))` when the conclusion is disease `d`,
+/// `Some(None)` when it is a mechanism.
+fn derivation(kb: &Kb, a: &str, b: &str, conclusion: &str) -> Option<Option<usize>> {
+    let (ea, eb) = (entity_by_name(kb, a)?, entity_by_name(kb, b)?);
     if let Some(m) = kb.mechanism_from(ea, eb) {
-        return kb.mechanisms[m].name.eq_ignore_ascii_case(conclusion);
+        return kb.mechanisms[m]
+            .name
+            .eq_ignore_ascii_case(conclusion)
+            .then_some(None);
     }
     match (ea, eb) {
         (Entity::Mechanism(x), Entity::Mechanism(y)) => kb
             .disease_from(x, y)
-            .is_some_and(|d| kb.diseases[d].name.eq_ignore_ascii_case(conclusion)),
-        _ => false,
+            .filter(|&d| kb.diseases[d].name.eq_ignore_ascii_case(conclusion))
+            .map(Some),
+        _ => None,
     }
 }

@@ -4,8 +4,8 @@
 //! rewrites the chain from there. A noise knob makes it wrong on a fixed share
 //! of items, as a real LLM teacher is.
 
-use super::case::{Case, answer_text};
-use super::chain::{finish_step, gold_chain, label_steps};
+use super::case::Case;
+use super::chain::{chain_to, gold_chain, label_steps};
 use super::corpus::facts_for;
 use super::kb::Kb;
 use crate::problem::{Problem, Step};
@@ -88,7 +88,7 @@ impl GroundTruth {
 
     /// The correct chain.
     pub fn gold_chain(&self, p: &Problem) -> Result<Vec<Step>, NotSynthClinic> {
-        Ok(gold_chain(&self.kb, &self.case(p)?))
+        Ok(gold_chain(&self.kb, &self.case(p)?, &p.question))
     }
 
     /// Whether each step is correct.
@@ -195,9 +195,23 @@ impl Oracle {
         Ok(flag >= rate)
     }
 
+    /// The chain the teacher writes: the gold chain, or on a noisy item the
+    /// same readings and derivations with the believed distractor drawn
+    /// from the true disease's mechanisms (a false step screening can catch)
+    /// and everything after it following from that.
+    pub fn chain(&self, p: &Problem) -> Result<Vec<Step>, NotSynthClinic> {
+        let case = self.case(p)?;
+        Ok(chain_to(
+            &self.kb,
+            &case,
+            &p.question,
+            self.believed(p, &case),
+        ))
+    }
+
     /// Keeps the chain up to its first wrong step and continues with the
-    /// reasoning the teacher believes, skipping conclusions already reached.
-    /// A chain with no wrong step but no answer is completed the same way.
+    /// teacher's own chain, skipping steps already written. A chain with no
+    /// wrong step but no answer is completed the same way.
     pub fn correct(&self, p: &Problem, steps: &[Step]) -> Result<Vec<Step>, NotSynthClinic> {
         let case = self.case(p)?;
         let labels = label_steps(&self.kb, &case, p, steps);
@@ -207,17 +221,12 @@ impl Oracle {
             .filter(|s| s.kind != crate::StepKind::Finish)
             .cloned()
             .collect();
-        let gold = gold_chain(&self.kb, &case);
-        let (_, rest) = gold
-            .split_last()
-            .expect("a gold chain ends with its answer");
-        for s in rest {
+        let teacher = chain_to(&self.kb, &case, &p.question, self.believed(p, &case));
+        for s in teacher {
             if !out.iter().any(|o| o.text == s.text) {
-                out.push(s.clone());
+                out.push(s);
             }
         }
-        let d = self.believed(p, &case);
-        out.push(Step::new(finish_step(answer_text(&self.kb, case.task, d))));
         Ok(out)
     }
 
