@@ -65,6 +65,41 @@ impl Reward for RuleVerifier {
     }
 }
 
+/// 1 when every step of the response is right by the world's step labels
+/// (so its answer follows from its own derivation), else 0: acceptance by
+/// process rather than by outcome, which refuses the chains that reach the
+/// gold option by luck (about one in four wandering chains on four options).
+#[derive(Debug, Clone)]
+pub struct SoundVerifier(pub GroundTruth);
+
+impl SoundVerifier {
+    /// Whether `steps` is a non-empty chain whose every step is right.
+    pub fn sound(&self, problem: &Problem, steps: &[Step]) -> Result<bool, RewardError> {
+        let labels = self
+            .0
+            .label_steps(problem, steps)
+            .map_err(|e| RewardError::Failed(e.to_string()))?;
+        Ok(!labels.is_empty() && labels.iter().all(|&l| l))
+    }
+}
+
+impl Reward for SoundVerifier {
+    fn name(&self) -> &str {
+        "sound"
+    }
+    fn score(&self, problem: &Problem, response: &str) -> Result<f32, RewardError> {
+        let steps: Vec<Step> = medzero_envs::response_steps(response)
+            .into_iter()
+            .map(Step::new)
+            .collect();
+        Ok(if self.sound(problem, &steps)? {
+            1.0
+        } else {
+            0.0
+        })
+    }
+}
+
 /// Which steps of a chain are right.
 pub trait StepLabeller {
     /// One label per step, or `None` when this labeller cannot judge the

@@ -98,6 +98,20 @@ pub struct EvalReport {
     pub prm_quality: Option<PrmQuality>,
     /// The judge's verdicts on the greedy answers, when one was asked.
     pub judge: Option<JudgeReport>,
+    /// What the model answered to each question (greedy), in order.
+    #[serde(skip)]
+    pub predictions: Vec<Prediction>,
+}
+
+/// One greedy answer, as a line of a predictions file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub id: String,
+    pub response: String,
+    /// The option letter the strict verifier read, if it read one.
+    pub answer: Option<String>,
+    pub gold: Option<String>,
+    pub correct: bool,
 }
 
 impl EvalReport {
@@ -110,6 +124,7 @@ impl EvalReport {
             selection_accuracy: self.selection_accuracy,
             judge_accuracy: self.judge.map(|j| j.accuracy),
             per_task: self.per_task,
+            groups: Default::default(),
             n: self.n,
             training_tokens,
             wall_s,
@@ -248,6 +263,7 @@ pub fn evaluate(
     let mut prm_pairs: Vec<(f64, bool)> = Vec::new();
     let mut tokens = 0u64;
     let mut by_task: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut predictions = Vec::with_capacity(problems.len());
     let (mut judged_ok, mut agree, mut judge_failures) = (0usize, 0usize, 0usize);
     for chunk in problems.chunks(cfg.batch_size.max(1)) {
         let prompts: Vec<Vec<i64>> = chunk
@@ -270,8 +286,16 @@ pub fn evaluate(
         };
         for (i, (p, g)) in chunk.iter().zip(&outs).enumerate() {
             tokens += g.tokens.len() as u64;
-            let ok = verify::verify(p, &g.text).correct;
+            let v = verify::verify(p, &g.text);
+            let ok = v.correct;
             hits += ok as usize;
+            predictions.push(Prediction {
+                id: p.id.clone(),
+                response: g.text.clone(),
+                answer: v.chosen,
+                gold: gold_letter(p).map(str::to_string),
+                correct: ok,
+            });
             let e = by_task.entry(p.task.clone()).or_default();
             e.0 += ok as usize;
             e.1 += 1;
@@ -350,6 +374,7 @@ pub fn evaluate(
             agreement: agree as f64 / n,
             failures: judge_failures,
         }),
+        predictions,
     })
 }
 

@@ -21,11 +21,23 @@ pub struct Row {
     pub judge_accuracy: Option<f64>,
     #[serde(default)]
     pub per_task: BTreeMap<String, f64>,
+    /// Greedy accuracy on named subsets of the questions (SynthClinic:
+    /// `lab_values_seen` / `lab_values_unseen`, whether every lab value the
+    /// answer needs is printed in some training question).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, Group>,
     pub n: usize,
     /// Tokens the method trained on (0 for methods that do not train).
     #[serde(default)]
     pub training_tokens: u64,
     pub wall_s: f64,
+}
+
+/// Accuracy on a subset of the questions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub n: usize,
+    pub greedy_accuracy: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

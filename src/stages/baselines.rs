@@ -69,6 +69,7 @@ impl Stage for BaselinesStage {
                     } else {
                         Default::default()
                     },
+                    groups: Default::default(),
                     n: s.n,
                     training_tokens: 0,
                     wall_s: t.elapsed().as_secs_f64(),

@@ -5,13 +5,16 @@
 
 use super::{Stage, StageCtx, StageOutput};
 use crate::eval::{self, EvalConfig};
-use crate::infra::io::write_json;
+use crate::infra::io::{write_json, write_jsonl};
+use crate::infra::results::Group;
 use anyhow::{Context, Result};
+use medzero_envs::synthclinic::{Case, SynthClinic, case::required_lab_values};
 use medzero_policies::Policy;
 use medzero_rewards::Prm;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -121,12 +124,81 @@ impl Stage for EvalStage {
             for (rule, acc) in &r.selection_accuracy {
                 ctx.metrics.scalar(&format!("eval/{name}/{rule}"), 0, *acc);
             }
-            rows.push(r.into_row(
+            write_jsonl(
+                &ctx.dir.join(format!("predictions-{name}.jsonl")),
+                &r.predictions,
+            )?;
+            let groups = lab_value_groups(ctx.world, &r.predictions);
+            for (group, g) in &groups {
+                ctx.metrics.scalar(
+                    &format!("eval/{name}/{group}/greedy_accuracy"),
+                    0,
+                    g.greedy_accuracy,
+                );
+                eprintln!(
+                    "{name}: {group}: {:.1}% greedy on {} questions",
+                    100.0 * g.greedy_accuracy,
+                    g.n
+                );
+            }
+            let mut row = r.into_row(
                 name,
                 m.training_tokens,
                 m.wall_s + t.elapsed().as_secs_f64(),
-            ));
+            );
+            row.groups = groups;
+            rows.push(row);
         }
         Ok(StageOutput { rows, model: None })
     }
+}
+
+/// Greedy accuracy split by whether every lab value the answer needs is
+/// printed in some training question: with a vocabulary of whole values, an
+/// unseen value is an id training never taught, so this split shows what
+/// the tokenizer costs.
+fn lab_value_groups(
+    world: &SynthClinic,
+    predictions: &[eval::Prediction],
+) -> BTreeMap<String, Group> {
+    let seen: BTreeSet<String> = world
+        .train
+        .iter()
+        .filter_map(Case::from_problem)
+        .flat_map(|c| {
+            c.labs
+                .iter()
+                .map(|&(lab, v)| world.kb.labs[lab].fmt(v))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (p, pred) in world.test.iter().zip(predictions) {
+        let Some(case) = Case::from_problem(p) else {
+            continue;
+        };
+        let all_seen = required_lab_values(&world.kb, &case)
+            .iter()
+            .all(|v| seen.contains(v));
+        let group = if all_seen {
+            "lab_values_seen"
+        } else {
+            "lab_values_unseen"
+        };
+        let e = counts.entry(group.to_string()).or_default();
+        e.0 += pred.correct as usize;
+        e.1 += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(k, (hits, n))| {
+            (
+                k,
+                Group {
+                    n,
+                    greedy_accuracy: hits as f64 / n as f64,
+                },
+            )
+        })
+        .collect()
 }

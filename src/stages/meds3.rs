@@ -5,7 +5,7 @@
 //! model on their step values. Self-evolution is the same three stages again
 //! from the new policy; P-VS is an evaluation rule.
 
-use super::{Stage, StageCtx, StageOutput, fine_tune, required};
+use super::{Accept, Stage, StageCtx, StageOutput, fine_tune, required};
 use crate::infra::io::write_json;
 use crate::rollout::mcts::{self, MctsConfig, Meds3Record};
 use crate::rollout::meds3::{MctsRollout, SearchMeta, StepGeneration};
@@ -15,7 +15,7 @@ use crate::train::TrainConfig;
 use crate::train::prm::{PrmExample, PrmLoss};
 use crate::train::sft::Example;
 use anyhow::{Context, Result, bail};
-use medzero_envs::{Problem, ROOT_TEXT, Trajectory, atomic};
+use medzero_envs::{Problem, ROOT_TEXT, Trajectory, atomic, response_steps};
 use medzero_rewards::prm::encode_steps;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -204,6 +204,9 @@ pub struct PolicyStage {
     /// context, not targets: a correct chain can pass through a step that
     /// made the answer less likely, and the student should not learn it.
     pub mask_dropped_steps: bool,
+    /// Which `pos` chains are trained on: all (`outcome`, MedS3's rule) or
+    /// only those whose every step the world's labels find right (`sound`).
+    pub accept: Accept,
     pub sft: TrainConfig,
 }
 
@@ -239,9 +242,17 @@ impl Stage for PolicyStage {
     fn run(&self, ctx: &mut StageCtx) -> Result<StageOutput> {
         let template = ctx.run.template;
         let mut examples = Vec::new();
+        let mut refused = 0usize;
         for (p, r) in records(ctx, &self.data)? {
             for leaf in &r.pos {
                 let (completion, untrained) = chain_text_masked(&leaf.chain);
+                if !self
+                    .accept
+                    .keeps(ctx.truth, p, &response_steps(&completion))
+                {
+                    refused += 1;
+                    continue;
+                }
                 examples.push(Example {
                     prompt: template.render(&p.prompt_text()),
                     completion,
@@ -253,10 +264,18 @@ impl Stage for PolicyStage {
                 });
             }
         }
+        if self.accept != Accept::Outcome {
+            eprintln!(
+                "{}: kept {} correct chains, refused {refused} with a wrong step",
+                self.name.as_deref().unwrap_or("meds3_policy"),
+                examples.len()
+            );
+        }
         if examples.is_empty() {
             bail!(
-                "the searches {:?} found no correct chain to train on",
-                self.data
+                "the searches {:?} found no correct chain to train on (accept = {:?})",
+                self.data,
+                self.accept
             );
         }
         fine_tune(ctx, Some(&self.init), &self.sft, examples)

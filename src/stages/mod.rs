@@ -31,10 +31,11 @@ use crate::teacher::Teacher;
 use crate::train::sft::{self, Example};
 use crate::train::{TrainConfig, TrainRun};
 use anyhow::{Context, Result, bail};
-use medzero_envs::Problem;
 use medzero_envs::synthclinic::{GroundTruth, SynthClinic};
+use medzero_envs::{Problem, Step};
 use medzero_policies::Policy;
 use medzero_policies::tokenizer::PromptTemplate;
+use medzero_rewards::SoundVerifier;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -228,6 +229,32 @@ pub fn fine_tune(
         rows: Vec::new(),
         model: Some(model),
     })
+}
+
+/// Which sampled chains are kept for training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accept {
+    /// On the final answer alone (the papers' rule; keeps lucky chains).
+    #[default]
+    Outcome,
+    /// Every step right by the world's step labels (SynthClinic only).
+    Sound,
+}
+
+impl Accept {
+    /// Whether a chain of `steps` (root sentence stripped) is kept.
+    pub fn keeps(self, truth: &GroundTruth, problem: &Problem, steps: &[String]) -> bool {
+        match self {
+            Accept::Outcome => true,
+            Accept::Sound => {
+                let steps: Vec<Step> = steps.iter().cloned().map(Step::new).collect();
+                SoundVerifier(truth.clone())
+                    .sound(problem, &steps)
+                    .unwrap_or(false)
+            }
+        }
+    }
 }
 
 /// A required reference to an earlier stage: non-empty.

@@ -3,7 +3,7 @@
 //! training problem with the current policy, the rule verifier keeps the
 //! correct ones, and the learner fine-tunes on them while actors go on.
 
-use super::{Stage, StageCtx, StageOutput, TrainedModel, required};
+use super::{Accept, Stage, StageCtx, StageOutput, TrainedModel, required};
 use crate::infra::io::write_json;
 use crate::rollout::sampling::{Sampler, SamplingConfig};
 use crate::runtime::learner::{self, Objective, Online};
@@ -13,7 +13,7 @@ use crate::train::sft::TrajectorySft;
 use anyhow::{Context, Result, bail};
 use medzero_envs::Problem;
 use medzero_policies::Policy;
-use medzero_rewards::{Reward, RuleVerifier};
+use medzero_rewards::{Reward, RuleVerifier, SoundVerifier};
 use serde::{Deserialize, Serialize};
 
 /// What scores a sampled answer.
@@ -38,6 +38,8 @@ pub struct RejectionSamplingStage {
     pub problems: usize,
     pub sampling: SamplingConfig,
     pub reward: RewardKind,
+    /// Whether the reward is the outcome's (`reward`) or the process's.
+    pub accept: Accept,
     /// Trajectories with at least this reward are trained on.
     pub min_reward: f32,
     /// Truncated importance weighting of each token's loss (0: off).
@@ -56,6 +58,7 @@ impl Default for RejectionSamplingStage {
             problems: 0,
             sampling: SamplingConfig::default(),
             reward: RewardKind::Rule,
+            accept: Accept::Outcome,
             min_reward: 1.0,
             importance_clip: 0.0,
             max_len: 512,
@@ -81,6 +84,12 @@ impl Stage for RejectionSamplingStage {
     fn validate(&self) -> Result<()> {
         required("init", &self.init)?;
         self.sampling.validate().context("sampling")?;
+        if self.accept == Accept::Sound && self.reward == RewardKind::Judge {
+            bail!(
+                "accept = \"sound\" checks every step with the world's labels, not a judge: \
+                 set reward = \"rule\" or accept = \"outcome\""
+            );
+        }
         if !(self.importance_clip.is_finite() && self.importance_clip >= 0.0) {
             bail!(
                 "importance_clip must be a finite number >= 0, got {}",
@@ -106,10 +115,14 @@ impl Stage for RejectionSamplingStage {
             self.max_len,
         )?;
         let judge = judge(ctx, self.reward)?;
+        let reward: Box<dyn Reward + '_> = match self.accept {
+            Accept::Outcome => reward(&judge),
+            Accept::Sound => Box::new(SoundVerifier(ctx.truth.clone())),
+        };
         let rollout = Sampler {
             cfg: self.sampling.clone(),
             template: ctx.run.template,
-            reward: reward(&judge),
+            reward,
         };
         let run = OnlineRun {
             init: &init,
