@@ -91,6 +91,10 @@ pub struct MctsConfig {
     pub reflect_below: f64,
     /// Safety cap: a leaf at this depth or deeper is expanded with Finish.
     pub max_depth: usize,
+    /// Forced finishing only finishes open leaves whose value is at least
+    /// this (0: all, as MedS3 does): a leaf whose rollouts never reached the
+    /// answer mostly yields a chain that is right by luck, if at all.
+    pub finish_min_value: f64,
 }
 
 impl Default for MctsConfig {
@@ -109,6 +113,7 @@ impl Default for MctsConfig {
             reflect: false,
             reflect_below: 0.5,
             max_depth: 12,
+            finish_min_value: 0.0,
         }
     }
 }
@@ -130,6 +135,7 @@ impl MctsConfig {
             ("finish_threshold", self.finish_threshold),
             ("correct_threshold", self.correct_threshold),
             ("reflect_below", self.reflect_below),
+            ("finish_min_value", self.finish_min_value),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 bail!("mcts.{name} must be in [0, 1], got {v}");
@@ -483,7 +489,10 @@ pub fn search(
         let open: Vec<NodeId> = run
             .tree
             .leaves()
-            .filter(|&id| !run.tree.nodes[id].finished)
+            .filter(|&id| {
+                let n = &run.tree.nodes[id];
+                !n.finished && n.value >= cfg.finish_min_value
+            })
             .collect();
         for leaf in open {
             run.grow(leaf, Expand::Finish)?;
@@ -1055,6 +1064,32 @@ mod tests {
         assert!(close(t.nodes[0].value, 73.0 / 192.0));
         let values: Vec<f64> = (1..=3).map(|i| t.nodes[i].value).collect();
         assert!(close(values[0], 0.25) && close(values[1], 0.1) && close(values[2], 0.9));
+    }
+
+    #[test]
+    fn forced_finishing_skips_leaves_below_finish_min_value() {
+        let cfg = MctsConfig {
+            max_nodes: 4,
+            finish_min_value: 0.3,
+            ..MctsConfig::default()
+        };
+        let mut model = Script::new(three_reasons);
+        let t = search(&pneumonia(), &cfg, &mut model, 1).unwrap();
+        // Values 0.5, 0.2, 0.8 before finishing: node 2 stays open.
+        assert_eq!(
+            model.expansions,
+            [
+                (0, Expand::Reason(3)),
+                (1, Expand::Finish),
+                (3, Expand::Finish)
+            ]
+        );
+        assert!(!t.nodes[2].finished && t.nodes[2].children.is_empty());
+        let bad = MctsConfig {
+            finish_min_value: 1.5,
+            ..MctsConfig::default()
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]
