@@ -136,6 +136,34 @@ mod tests {
         }
     }
 
+    /// The sound verifier accepts the gold chain and refuses the same right
+    /// answer reached through a wrong step or with no reasoning at all, where
+    /// the rule verifier accepts all three.
+    #[test]
+    fn sound_acceptance_refuses_right_answers_reached_by_luck() {
+        use medzero_envs::synthclinic::{SynthClinic, SynthConfig};
+        let world = SynthClinic::generate(&SynthConfig {
+            train: 20,
+            test: 0,
+            ..Default::default()
+        })
+        .unwrap();
+        let sound = SoundVerifier(world.truth());
+        for p in &world.train {
+            let gold = world.truth().gold_chain(p).unwrap();
+            let text = medzero_envs::chain_text(&gold);
+            assert_eq!(sound.score(p, &text).unwrap(), 1.0, "{text}");
+            let answer = gold.last().unwrap().text.clone();
+            let mut lucky = gold.clone();
+            lucky[0] = Step::new(lucky[0].text.replace(" is ", " is not "));
+            let lucky = medzero_envs::chain_text(&lucky);
+            for (text, what) in [(lucky, "a wrong first step"), (answer, "no steps")] {
+                assert_eq!(RuleVerifier.score(p, &text).unwrap(), 1.0, "{what}");
+                assert_eq!(sound.score(p, &text).unwrap(), 0.0, "{what}: {text}");
+            }
+        }
+    }
+
     #[test]
     fn the_rule_reads_every_answer_format_the_students_write() {
         let p = problem();
