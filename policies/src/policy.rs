@@ -463,17 +463,14 @@ impl Policy {
         let mut done = vec![false; b];
         let mut logits = rows.logits.shallow_clone();
         let mut last_logits = rows.logits.copy();
-        let mut last: Vec<i64> = Vec::new();
         tch::no_grad(|| {
             for step in 0..budget {
-                let prev: Vec<i64> = match step {
-                    0 => rows
-                        .ids
-                        .iter()
-                        .map(|r| r.last().copied().unwrap_or(-1))
-                        .collect(),
-                    _ => last.clone(),
-                };
+                // A live row's last id is the token its logits follow.
+                let prev: Vec<i64> = rows
+                    .ids
+                    .iter()
+                    .map(|r| r.last().copied().unwrap_or(-1))
+                    .collect();
                 let forbidden = self.forbidden(&prev, params);
                 let (tokens, logprobs) =
                     sample(&self.known(&logits), forbidden.as_ref(), params, rngs);
@@ -508,7 +505,6 @@ impl Policy {
                         row.push(tokens[i]);
                     }
                 }
-                last = tokens;
             }
         });
         rows.logits = last_logits;

@@ -66,6 +66,7 @@ impl Stage for EvalStage {
             None
         };
         let mut rows = Vec::new();
+        let seen = training_lab_values(ctx.world);
         for name in &self.models {
             let m = ctx.model(name)?;
             let policy = Policy::load(&m.dir, ctx.run.device, None)?;
@@ -128,7 +129,7 @@ impl Stage for EvalStage {
                 &ctx.dir.join(format!("predictions-{name}.jsonl")),
                 &r.predictions,
             )?;
-            let groups = lab_value_groups(ctx.world, &r.predictions);
+            let groups = lab_value_groups(ctx.world, &seen, &r.predictions);
             for (group, g) in &groups {
                 ctx.metrics.scalar(
                     &format!("eval/{name}/{group}/greedy_accuracy"),
@@ -159,19 +160,9 @@ impl Stage for EvalStage {
 /// the tokenizer costs.
 fn lab_value_groups(
     world: &SynthClinic,
+    seen: &BTreeSet<String>,
     predictions: &[eval::Prediction],
 ) -> BTreeMap<String, Group> {
-    let seen: BTreeSet<String> = world
-        .train
-        .iter()
-        .filter_map(Case::from_problem)
-        .flat_map(|c| {
-            c.labs
-                .iter()
-                .map(|&(lab, v)| world.kb.labs[lab].fmt(v))
-                .collect::<Vec<_>>()
-        })
-        .collect();
     let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (p, pred) in world.test.iter().zip(predictions) {
         let Some(case) = Case::from_problem(p) else {
@@ -199,6 +190,21 @@ fn lab_value_groups(
                     greedy_accuracy: hits as f64 / n as f64,
                 },
             )
+        })
+        .collect()
+}
+
+/// Every lab value, as printed, of the training questions.
+fn training_lab_values(world: &SynthClinic) -> BTreeSet<String> {
+    world
+        .train
+        .iter()
+        .filter_map(Case::from_problem)
+        .flat_map(|c| {
+            c.labs
+                .iter()
+                .map(|&(lab, v)| world.kb.labs[lab].fmt(v))
+                .collect::<Vec<_>>()
         })
         .collect()
 }
