@@ -15,3 +15,4 @@ fi
 mkdir -p .medzero
 ln -sfn "$torch_dir" .medzero/libtorch
 ln -sfn "$VENV" .medzero/py
+ln -sfn "$CACHE/models" .medzero/models

