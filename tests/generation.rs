@@ -266,7 +266,7 @@ fn self_corrections_and_their_pairs_carry_the_sampled_ids() {
         teacher: None,
         retries: 8,
     };
-    let end = policy.tokenizer.end_of_turn_id(PromptTemplate::Plain);
+    let end = policy.tokenizer.end_of_turn_id(&PromptTemplate::Plain);
     let mut corrected = 0;
     for (k, p) in world.train.iter().enumerate() {
         let mut rng = ChaCha8Rng::seed_from_u64(k as u64);

@@ -688,7 +688,7 @@ lr = 1e-4
             );
             assert_eq!(
                 *t.tokens.last().unwrap(),
-                tok.end_of_turn_id(PromptTemplate::Plain)
+                tok.end_of_turn_id(&PromptTemplate::Plain)
             );
             // The ids of the opening sentence and of each step decode to them.
             assert!(

@@ -138,7 +138,7 @@ fn trajectories_without_tokens_train_on_their_steps() {
         .tokenizer
         .encode(&medzero_envs::render_chain(&steps))
         .unwrap();
-    tokens.push(policy.tokenizer.end_of_turn_id(PromptTemplate::Plain));
+    tokens.push(policy.tokenizer.end_of_turn_id(&PromptTemplate::Plain));
     let generated = Trajectory {
         tokens,
         ..outside.clone()

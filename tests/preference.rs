@@ -651,7 +651,7 @@ fn teacher_corrections_keep_the_sound_prefix_and_verify() {
             max_new_tokens: 24,
             ..Default::default()
         },
-        template: cfg.student.template,
+        template: medzero::experiment::student::student_template(&cfg).unwrap(),
         labeller: &truth,
         corrector: Corrector::Teacher,
         teacher: Some(&teacher),

@@ -4,6 +4,7 @@
 //! - [`weights`]: HF safetensors loading (with exact mismatch errors) and saving;
 //! - [`manifest`]: checksums of the folders medzero writes, verified on load;
 //! - [`tokenizer`]: HF `tokenizer.json`, and SynthClinic's word-level one;
+//! - [`chat_template`]: a model's own Jinja chat template, as HF renders it;
 //! - [`rows`], [`generate`]: batched cached generation over rows that hold
 //!   their exact token ids, sampling with a random stream per row, prefix forking;
 //! - [`policy`]: the handle actors and the learner use;
@@ -12,6 +13,7 @@
 //! - [`device`]: where computation runs, and the stamp every figure carries;
 //! - [`peer`]: the Python interpreter the parity peers run in.
 
+pub mod chat_template;
 pub mod device;
 pub mod generate;
 mod kv_cache;

@@ -231,6 +231,45 @@ impl Policy {
         (tok * m).sum_dim_intlist(1, false, Kind::Float)
     }
 
+    /// log p(token | the tokens before it) for the last `tail[b]` tokens of
+    /// each sequence `seqs[b]`, in order, and whether each of those tokens is
+    /// the argmax there (the tail is the greedy continuation): how an option
+    /// or a reference answer is scored. Rows are left-padded so every tail
+    /// ends at the last position, and the LM head runs on tail positions only.
+    pub fn tail_logprobs(
+        &self,
+        seqs: &[Vec<i64>],
+        tail: &[usize],
+    ) -> Result<Vec<(Vec<f64>, bool)>, PolicyError> {
+        assert_eq!(seqs.len(), tail.len(), "one tail length per sequence");
+        if let Some(row) = (0..seqs.len()).find(|&b| tail[b] == 0 || tail[b] >= seqs[b].len()) {
+            return Err(PolicyError::EmptyPrompt { row });
+        }
+        self.check_length(seqs.iter().map(Vec::len).max().unwrap_or(0), 0)?;
+        let k = *tail.iter().max().unwrap_or(&0) as i64;
+        tch::no_grad(|| {
+            let (ids, mask) = pad_left(seqs, self.tokenizer.pad_id());
+            let t = ids.size()[1];
+            // Positions t-1-k .. t-2 predict the last k tokens.
+            let hidden = self.hidden(&ids, &mask).narrow(1, t - 1 - k, k);
+            let logp = self.model.logits(&hidden).log_softmax(-1, Kind::Float);
+            let labels = ids.narrow(1, t - k, k).to_device(logp.device());
+            let tok = logp.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1);
+            let top = logp.argmax(-1, false).eq_tensor(&labels);
+            let lp = Vec::<Vec<f64>>::try_from(tok.to_kind(Kind::Double)).expect("[B, k]");
+            let top = Vec::<Vec<bool>>::try_from(top.to_kind(Kind::Bool)).expect("[B, k]");
+            Ok(lp
+                .into_iter()
+                .zip(top)
+                .zip(tail)
+                .map(|((lp, top), &n)| {
+                    let from = lp.len() - n;
+                    (lp[from..].to_vec(), top[from..].iter().all(|&g| g))
+                })
+                .collect())
+        })
+    }
+
     fn check_length(&self, longest: usize, new: usize) -> Result<(), PolicyError> {
         let context = self.model.cfg.max_position_embeddings;
         if (longest + new) as i64 > context {

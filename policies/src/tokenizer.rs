@@ -10,7 +10,7 @@
 //! [`PromptTemplate`] says how a question becomes a prompt and what ends the
 //! model's turn.
 
-use serde::{Deserialize, Serialize};
+use crate::chat_template::ChatTemplate;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -108,6 +108,8 @@ pub enum TokenizerError {
         candidates = EOS_CANDIDATES.join(", ")
     )]
     NoEos { path: PathBuf },
+    #[error("{0}")]
+    ChatTemplate(String),
     #[error("cannot write tokenizer to {path}: {source}; check the folder exists and is writable")]
     Write {
         path: PathBuf,
@@ -133,6 +135,8 @@ pub struct Tokenizer {
     /// Every id that ends a sequence: EOS first, then the other ids the
     /// model's generation config names (transformers stops at any of them).
     stops: Vec<u32>,
+    /// The model folder's own chat template, when it has one.
+    chat_template: Option<Arc<ChatTemplate>>,
     vocab_size: usize,
     canonical: Option<Arc<Canonical>>,
 }
@@ -201,6 +205,10 @@ impl Tokenizer {
             None => first_added(&[PAD]).unwrap_or(eos),
         };
         let mut tokenizer = Self::with_specials(inner, eos, pad);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        tokenizer.chat_template = ChatTemplate::from_folder(dir)
+            .map_err(|e| TokenizerError::ChatTemplate(e.to_string()))?
+            .map(Arc::new);
         tokenizer.stops = std::iter::once(eos)
             .chain(generation.into_iter().filter(|&id| id != eos))
             .collect();
@@ -286,6 +294,7 @@ impl Tokenizer {
             eos,
             pad,
             stops: vec![eos],
+            chat_template: None,
             vocab_size,
             canonical,
         }
@@ -315,11 +324,27 @@ impl Tokenizer {
         // written: without it transformers (and TRL) rebuild the model
         // family's own tokenizer from the vocabulary.
         let name = |id: u32| self.inner.id_to_token(id);
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": name(self.eos),
             "pad_token": name(self.pad),
         });
+        // A model's chat template travels with its checkpoints, as
+        // transformers saves it, with the special tokens it refers to.
+        if let Some(t) = &self.chat_template {
+            for (key, value) in t.specials() {
+                if key != "eos_token" && key != "pad_token" {
+                    config[key.as_str()] = serde_json::json!(value);
+                }
+            }
+            let jinja = path.with_file_name("chat_template.jinja");
+            medzero_envs::atomic::write(&jinja, t.source().as_bytes()).map_err(|source| {
+                TokenizerError::Write {
+                    path: jinja.clone(),
+                    source,
+                }
+            })?;
+        }
         let config_path = path.with_file_name("tokenizer_config.json");
         medzero_envs::atomic::write(&config_path, config.to_string().as_bytes()).map_err(|source| {
             TokenizerError::Write {
@@ -327,6 +352,11 @@ impl Tokenizer {
                 source,
             }
         })
+    }
+
+    /// The model folder's own chat template, if it came with one.
+    pub fn chat_template(&self) -> Option<&Arc<ChatTemplate>> {
+        self.chat_template.as_ref()
     }
 
     /// Token ids of `text`; no BOS or EOS is added.
@@ -648,13 +678,14 @@ fn generation_eos(tokenizer_json: &Path, vocab: usize) -> Result<Vec<u32>, Token
 
 /// How a question becomes a prompt, and where the model's completion begins
 /// (right after the rendered prompt).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum PromptTemplate {
     /// The question, then a blank line: for base models and SynthClinic.
     Plain,
     /// ChatML as Qwen2 renders one user turn with the generation prompt.
     ChatMl,
+    /// The model folder's own chat template, as transformers renders it.
+    Model(Arc<ChatTemplate>),
 }
 
 impl PromptTemplate {
@@ -662,33 +693,78 @@ impl PromptTemplate {
     /// `"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"`, which
     /// is Qwen2's chat template minus the system turn it inserts by default
     /// ("You are a helpful assistant."); use [`Self::render_with_system`] to
-    /// reproduce that exactly.
+    /// reproduce that exactly. Model: one user turn with the generation
+    /// prompt, as `apply_chat_template` renders it (a default system message
+    /// the template defines included).
     pub fn render(&self, user: &str) -> String {
         match self {
             PromptTemplate::Plain => format!("{user}\n\n"),
             PromptTemplate::ChatMl => {
                 format!("{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n")
             }
+            PromptTemplate::Model(t) => t.render_user(user),
         }
     }
 
     /// As [`Self::render`], after a system message: Plain puts it first,
-    /// followed by a blank line; ChatML gives it its own `system` turn.
+    /// followed by a blank line; ChatML and Model give it its own `system` turn.
     pub fn render_with_system(&self, system: &str, user: &str) -> String {
         match self {
             PromptTemplate::Plain => format!("{system}\n\n{}", self.render(user)),
             PromptTemplate::ChatMl => {
                 format!("{IM_START}system\n{system}{IM_END}\n{}", self.render(user))
             }
+            PromptTemplate::Model(t) => t.render_system_user(system, user),
         }
     }
 
+    /// As [`Self::render`], after worked examples (`shots`: question and
+    /// answer pairs): Plain writes each as `"{q}\n\n{a}\n\n"`; ChatML and
+    /// Model as user and assistant turns (lm-eval's few-shot as multi-turn).
+    pub fn render_shots(
+        &self,
+        shots: &[(String, String)],
+        user: &str,
+    ) -> Result<String, crate::chat_template::ChatTemplateError> {
+        Ok(match self {
+            PromptTemplate::Plain => {
+                let mut s: String = shots
+                    .iter()
+                    .map(|(q, a)| format!("{q}\n\n{a}\n\n"))
+                    .collect();
+                s.push_str(&self.render(user));
+                s
+            }
+            PromptTemplate::ChatMl => {
+                let mut s: String = shots
+                    .iter()
+                    .map(|(q, a)| {
+                        format!("{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n{a}{IM_END}\n")
+                    })
+                    .collect();
+                s.push_str(&self.render(user));
+                s
+            }
+            PromptTemplate::Model(t) => {
+                use crate::chat_template::Message;
+                let mut messages: Vec<Message> = shots
+                    .iter()
+                    .flat_map(|(q, a)| [Message::new("user", q), Message::new("assistant", a)])
+                    .collect();
+                messages.push(Message::new("user", user));
+                t.apply(&messages, true)?
+            }
+        })
+    }
+
     /// The token text that ends an assistant turn: generation stops there and
-    /// SFT targets end with it.
-    pub fn end_of_turn(&self) -> &'static str {
+    /// SFT targets end with it. A model's own template ends turns with the
+    /// tokenizer's EOS (`None`: see [`Tokenizer::end_of_turn_id`]).
+    pub fn end_of_turn(&self) -> Option<&'static str> {
         match self {
-            PromptTemplate::Plain => ENDOFTEXT,
-            PromptTemplate::ChatMl => IM_END,
+            PromptTemplate::Plain => Some(ENDOFTEXT),
+            PromptTemplate::ChatMl => Some(IM_END),
+            PromptTemplate::Model(_) => None,
         }
     }
 }
@@ -697,8 +773,10 @@ impl Tokenizer {
     /// The token that ends an assistant turn under `template` (`<|im_end|>`
     /// for ChatML), or EOS when the vocabulary lacks it: what completions are
     /// trained to end with and what generation stops at.
-    pub fn end_of_turn_id(&self, template: PromptTemplate) -> i64 {
-        self.token_id(template.end_of_turn())
+    pub fn end_of_turn_id(&self, template: &PromptTemplate) -> i64 {
+        template
+            .end_of_turn()
+            .and_then(|t| self.token_id(t))
             .unwrap_or(self.eos_id())
     }
 }

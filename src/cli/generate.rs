@@ -23,7 +23,7 @@ pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
     params.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
     let policy = Policy::load(&a.model, device_arg(&a.device)?, None)?;
     let text = match &a.template {
-        Some(t) => template(t)?.render(&a.prompt),
+        Some(t) => template(t, &policy.tokenizer)?.render(&a.prompt),
         None => a.prompt.clone(),
     };
     let prompt = policy.tokenizer.encode(&text)?;

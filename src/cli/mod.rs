@@ -74,7 +74,8 @@ struct GenerateArgs {
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Wrap the prompt in a template (plain, chat_ml); none by default.
+    /// Wrap the prompt in a template (auto, plain, chat_ml, model: the
+    /// model's own chat template); none by default.
     #[arg(long)]
     template: Option<String>,
     /// Print the token ids and their log-probs as JSON.
@@ -117,7 +118,28 @@ struct EvalArgs {
     judge: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    #[arg(long, default_value = "plain")]
+    /// generate (greedy answers read by the verifier, and samples) or
+    /// mcq-loglik (each option's log-likelihood, lm-eval's acc / acc_norm).
+    #[arg(long, value_enum, default_value = "generate")]
+    mode: EvalMode,
+    /// mcq-loglik continuations: each option's text, or its letter.
+    #[arg(long, value_enum, default_value = "text")]
+    choices: crate::eval::loglik::Choices,
+    /// Write one JSON line per question (id, prompt, response or option
+    /// scores, extracted answer, gold, correct) to this file.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// Worked examples before each question (generation mode): the first K
+    /// questions of --shots-file, answered "The answer is X.".
+    #[arg(long, default_value_t = 0)]
+    shots: usize,
+    /// Where the shots come from (default: --data, whose shot questions are
+    /// then left out of the scoring).
+    #[arg(long)]
+    shots_file: Option<PathBuf>,
+    /// How questions become prompts: auto (the model's own chat template
+    /// when its folder has one, else plain), plain, chat_ml or model.
+    #[arg(long, default_value = "auto")]
     template: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -126,6 +148,12 @@ struct EvalArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EvalMode {
+    Generate,
+    McqLoglik,
 }
 
 #[derive(Subcommand)]
@@ -221,10 +249,17 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-/// `--template`: plain or chat_ml.
-fn template(name: &str) -> Result<medzero_policies::tokenizer::PromptTemplate> {
-    serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| anyhow::anyhow!("unknown template {name:?}; known: plain, chat_ml"))
+/// `--template` (auto, plain, chat_ml, model) for a model with `tokenizer`.
+fn template(
+    name: &str,
+    tokenizer: &medzero_policies::tokenizer::Tokenizer,
+) -> Result<medzero_policies::tokenizer::PromptTemplate> {
+    let choice: crate::experiment::config::TemplateChoice = name
+        .parse()
+        .map_err(|e: anyhow::Error| anyhow::anyhow!("--template: {e}"))?;
+    choice
+        .resolve(tokenizer.chat_template())
+        .map_err(|e| anyhow::anyhow!("--template: {e}"))
 }
 
 /// `--device`, parsed and resolved as `run.device` is.

@@ -3,6 +3,7 @@
 //! samples (vote-sc@N, and with a PRM P-VS@N and the others).
 
 pub mod baselines;
+pub mod loglik;
 pub mod selection;
 
 use crate::infra::results::{EVAL_SET, Row};
@@ -37,6 +38,9 @@ pub struct EvalConfig {
     /// Also have the teacher judge each greedy answer (LLM-as-judge,
     /// `judge_accuracy`); the strict rule verifier still gives the accuracy.
     pub judge: bool,
+    /// Worked examples put before each question (few-shot prompting), as
+    /// question text (with options) and answer.
+    pub shots: Vec<(String, String)>,
 }
 
 impl EvalConfig {
@@ -78,6 +82,7 @@ impl Default for EvalConfig {
             batch_size: 32,
             rules: vec![Rule::VoteSc],
             judge: false,
+            shots: Vec::new(),
         }
     }
 }
@@ -107,6 +112,7 @@ pub struct EvalReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
     pub id: String,
+    pub prompt: String,
     pub response: String,
     /// The option letter the strict verifier read, if it read one.
     pub answer: Option<String>,
@@ -211,7 +217,7 @@ pub fn auroc(pairs: &[(f64, bool)]) -> f64 {
 pub fn evaluate(
     policy: &Policy,
     problems: &[Problem],
-    template: PromptTemplate,
+    template: &PromptTemplate,
     cfg: &EvalConfig,
     graders: Graders,
     rng: &mut ChaCha8Rng,
@@ -266,9 +272,13 @@ pub fn evaluate(
     let mut predictions = Vec::with_capacity(problems.len());
     let (mut judged_ok, mut agree, mut judge_failures) = (0usize, 0usize, 0usize);
     for chunk in problems.chunks(cfg.batch_size.max(1)) {
-        let prompts: Vec<Vec<i64>> = chunk
+        let texts: Vec<String> = chunk
             .iter()
-            .map(|p| policy.tokenizer.encode(&template.render(&p.prompt_text())))
+            .map(|p| template.render_shots(&cfg.shots, &p.prompt_text()))
+            .collect::<Result<_, _>>()?;
+        let prompts: Vec<Vec<i64>> = texts
+            .iter()
+            .map(|t| policy.tokenizer.encode(t))
             .collect::<Result<_, _>>()?;
         let outs = policy.generate(&prompts, &greedy, rng)?;
         // Judged concurrently: an HTTP judge has its own concurrency limit.
@@ -291,6 +301,7 @@ pub fn evaluate(
             hits += ok as usize;
             predictions.push(Prediction {
                 id: p.id.clone(),
+                prompt: texts[i].clone(),
                 response: g.text.clone(),
                 answer: v.chosen,
                 gold: gold_letter(p).map(str::to_string),
@@ -378,7 +389,8 @@ pub fn evaluate(
     })
 }
 
-fn gold_letter(p: &Problem) -> Option<&str> {
+/// The gold option letter of a multiple-choice question.
+pub fn gold_letter(p: &Problem) -> Option<&str> {
     match &p.gold {
         medzero_envs::Gold::Option(l) => Some(l),
         medzero_envs::Gold::Text(_) => None,

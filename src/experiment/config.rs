@@ -10,11 +10,13 @@ use crate::teacher::TeacherConfig;
 use anyhow::{Context, Result, anyhow, bail};
 use medzero_envs::synthclinic::SynthConfig;
 use medzero_policies::DecoderConfig;
+use medzero_policies::chat_template::ChatTemplate;
 use medzero_policies::device::DeviceSpec;
 use medzero_policies::llama::{Arch, DType};
 use medzero_policies::tokenizer::PromptTemplate;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The default experiment of `medzero run` and `make run`.
 pub const QUICKSTART: &str = include_str!("../../experiments/quickstart.toml");
@@ -31,6 +33,52 @@ pub struct Config {
     pub teacher: TeacherConfig,
     pub student: StudentConfig,
     pub stages: Vec<StageSpec>,
+}
+
+/// How prompts are rendered for the student (`student.template`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateChoice {
+    /// The model folder's own chat template when it has one, else plain.
+    #[default]
+    Auto,
+    /// The question, then a blank line.
+    Plain,
+    /// ChatML's user turn (Qwen2's, without its default system turn).
+    ChatMl,
+    /// The model folder's own chat template (`chat_template.jinja` or
+    /// `chat_template` in `tokenizer_config.json`), as transformers renders it.
+    Model,
+}
+
+impl TemplateChoice {
+    /// The template for a model with chat template `own` (its folder's).
+    pub fn resolve(self, own: Option<&Arc<ChatTemplate>>) -> Result<PromptTemplate> {
+        Ok(match self {
+            TemplateChoice::Plain => PromptTemplate::Plain,
+            TemplateChoice::ChatMl => PromptTemplate::ChatMl,
+            TemplateChoice::Auto => {
+                own.map_or(PromptTemplate::Plain, |t| PromptTemplate::Model(t.clone()))
+            }
+            TemplateChoice::Model => match own {
+                Some(t) => PromptTemplate::Model(t.clone()),
+                None => bail!(
+                    "template \"model\": the model folder has no chat template \
+                     (chat_template.jinja, or chat_template in tokenizer_config.json); use \
+                     \"plain\" or \"chat_ml\""
+                ),
+            },
+        })
+    }
+}
+
+impl std::str::FromStr for TemplateChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            anyhow::anyhow!("unknown template {s:?}; known: auto, plain, chat_ml, model")
+        })
+    }
 }
 
 /// The base student: a fresh Llama-family decoder with SynthClinic's
@@ -51,7 +99,7 @@ pub struct StudentConfig {
     pub rope_theta: f64,
     pub tie_embeddings: bool,
     pub dtype: DType,
-    pub template: PromptTemplate,
+    pub template: TemplateChoice,
     /// Words seen fewer times than this in SynthClinic's texts become <unk>.
     pub min_word_count: usize,
 }
@@ -70,7 +118,7 @@ impl Default for StudentConfig {
             rope_theta: 10000.0,
             tie_embeddings: true,
             dtype: DType::F32,
-            template: PromptTemplate::Plain,
+            template: TemplateChoice::Auto,
             min_word_count: 1,
         }
     }
@@ -78,6 +126,12 @@ impl Default for StudentConfig {
 
 impl StudentConfig {
     fn validate(&self) -> Result<()> {
+        if self.template == TemplateChoice::Model && self.from.is_empty() {
+            bail!(
+                "student.template = \"model\" needs student.from: a fresh student has no chat \
+                 template of its own; use \"plain\" or \"chat_ml\""
+            );
+        }
         if !self.from.is_empty() {
             let cfg = Path::new(&self.from).join("config.json");
             if !cfg.exists() {

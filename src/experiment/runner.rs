@@ -19,6 +19,7 @@ use medzero_envs::atomic;
 use medzero_envs::synthclinic::SynthClinic;
 use medzero_policies::Policy;
 use medzero_policies::device::DeviceInfo;
+use medzero_policies::tokenizer::PromptTemplate;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -35,6 +36,7 @@ struct RunServices<'a> {
     cfg: &'a Config,
     world: &'a SynthClinic,
     device: tch::Device,
+    template: PromptTemplate,
 }
 
 impl Services for RunServices<'_> {
@@ -45,7 +47,7 @@ impl Services for RunServices<'_> {
     fn teacher(&self) -> Result<Box<dyn Teacher>> {
         self.cfg
             .teacher
-            .build(self.world, self.cfg.student.template, self.device)
+            .build(self.world, self.template.clone(), self.device)
     }
 
     fn eval_files(&self) -> &[PathBuf] {
@@ -106,12 +108,14 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
     }
     let mut tb = TensorBoard::create(&dir)
         .with_context(|| format!("creating TensorBoard events in {}", dir.display()))?;
+    let template = super::student::student_template(cfg)?;
     let settings = RunSettings {
         seed: cfg.run.seed,
         device,
-        template: cfg.student.template,
+        template: template.clone(),
     };
     let services = RunServices {
+        template,
         cfg,
         world: &world,
         device,

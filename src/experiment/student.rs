@@ -7,8 +7,20 @@ use anyhow::Result;
 use medzero_envs::ROOT_TEXT;
 use medzero_envs::synthclinic::SynthClinic;
 use medzero_policies::Policy;
-use medzero_policies::tokenizer::Tokenizer;
+use medzero_policies::tokenizer::{PromptTemplate, Tokenizer};
 use std::path::Path;
+
+/// The prompt template of the run: `student.template` resolved against the
+/// student folder's own chat template (a fresh student has none).
+pub fn student_template(cfg: &Config) -> Result<PromptTemplate> {
+    let own = if cfg.student.from.is_empty() {
+        None
+    } else {
+        let path = Path::new(&cfg.student.from).join("tokenizer.json");
+        Tokenizer::from_file(&path)?.chat_template().cloned()
+    };
+    cfg.student.template.resolve(own.as_ref())
+}
 
 pub fn base_student(cfg: &Config, world: &SynthClinic, device: tch::Device) -> Result<Policy> {
     if !cfg.student.from.is_empty() {
@@ -20,7 +32,7 @@ pub fn base_student(cfg: &Config, world: &SynthClinic, device: tch::Device) -> R
     }
     let oracle = world.oracle(cfg.teacher.oracle.clone());
     let truth = world.truth();
-    let template = cfg.student.template;
+    let template = student_template(cfg)?;
     let mut texts: Vec<String> = world.textbook.clone();
     // Training split and textbook only: a word only the test split holds
     // would be an id that is never an input or a target, so training could

@@ -141,7 +141,7 @@ impl Rollout for TreeGroup {
         let generated_tokens = model.generated;
         let picked = self.pick(&tree);
         let under = finished_under(&tree);
-        let mut ids = PathIds::new(policy, self.search.template, problem, &tree)?;
+        let mut ids = PathIds::new(policy, self.search.template.clone(), problem, &tree)?;
         // A leaf picked twice (a tree with fewer than `group`) is built once.
         let mut made: HashMap<NodeId, Trajectory> = HashMap::new();
         let mut trajectories = Vec::with_capacity(self.group);
@@ -204,7 +204,7 @@ impl<'a> PathIds<'a> {
         let text = template.render(&problem.prompt_text());
         Ok(PathIds {
             prompt: policy.tokenizer.encode(&text)?,
-            end_of_turn: policy.tokenizer.end_of_turn_id(template),
+            end_of_turn: policy.tokenizer.end_of_turn_id(&template),
             policy,
             tree,
             problem: &problem.id,

@@ -87,7 +87,7 @@ impl SelfCorrection<'_> {
                 context.extend(&prefix_ids);
                 let mut params = self
                     .sampling
-                    .params(policy.tokenizer.end_of_turn_id(self.template));
+                    .params(policy.tokenizer.end_of_turn_id(&self.template));
                 // The retry continues a long prefix: it gets what room the
                 // context has left, and none is no retry.
                 let room = policy.config().max_position_embeddings as usize;
@@ -172,7 +172,7 @@ impl SelfCorrection<'_> {
     fn sampler(&self) -> Sampler<RuleVerifier> {
         Sampler {
             cfg: self.sampling.clone(),
-            template: self.template,
+            template: self.template.clone(),
             reward: RuleVerifier,
         }
     }

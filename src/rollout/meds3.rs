@@ -129,7 +129,7 @@ impl<'a> PolicySteps<'a> {
             generation,
             rng,
             prompt: template.render(&problem.prompt_text()),
-            end_of_turn: policy.tokenizer.end_of_turn_id(template),
+            end_of_turn: policy.tokenizer.end_of_turn_id(&template),
             root: None,
             children: HashMap::new(),
             generated: 0,
@@ -401,7 +401,13 @@ impl MctsRollout {
         problem: &Problem,
         rng: &'a mut ChaCha8Rng,
     ) -> Result<(Tree, PolicySteps<'a>)> {
-        let mut model = PolicySteps::new(policy, &self.generation, self.template, problem, rng);
+        let mut model = PolicySteps::new(
+            policy,
+            &self.generation,
+            self.template.clone(),
+            problem,
+            rng,
+        );
         let tree = mcts::search(problem, &self.mcts, &mut model, self.iteration)?;
         Ok((tree, model))
     }

@@ -85,7 +85,7 @@ impl<R: Reward> Rollout for Sampler<R> {
     fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
         let params = self
             .cfg
-            .params(policy.tokenizer.end_of_turn_id(self.template));
+            .params(policy.tokenizer.end_of_turn_id(&self.template));
         let prompt = policy
             .tokenizer
             .encode(&self.template.render(&problem.prompt_text()))?;

@@ -118,7 +118,7 @@ fn teacher_examples(
     completion: impl Fn(&dyn Teacher, &Problem) -> Result<String, TeacherError> + Sync,
 ) -> Result<Vec<Example>> {
     let teacher = ctx.services.teacher()?;
-    let template = ctx.run.template;
+    let template = ctx.run.template.clone();
     let name = ctx.name;
     let replies: Vec<Result<Example, String>> =
         ctx.world

@@ -75,7 +75,7 @@ impl Stage for EvalStage {
             let r = eval::evaluate(
                 &policy,
                 &ctx.world.test,
-                ctx.run.template,
+                &ctx.run.template,
                 &self.eval,
                 eval::Graders {
                     prm: prm.as_ref(),

@@ -147,7 +147,7 @@ impl Stage for GrpoStage {
         let mut objective = GrpoObjective::new(
             &policy,
             problems,
-            ctx.run.template,
+            ctx.run.template.clone(),
             self.grpo.clone(),
             max_completion,
             reference,
@@ -162,7 +162,7 @@ impl Stage for GrpoStage {
                     prms: Copies::load(self.runtime.actors, || {
                         Ok(Prm::load(&dir, ctx.run.device)?)
                     })?,
-                    template: ctx.run.template,
+                    template: ctx.run.template.clone(),
                     scale: self.scale_rewards,
                 })
             }
@@ -176,7 +176,7 @@ impl Stage for GrpoStage {
                 search: MctsRollout {
                     mcts: self.mcts.clone(),
                     generation: self.generation.clone(),
-                    template: ctx.run.template,
+                    template: ctx.run.template.clone(),
                     iteration: 0,
                 },
                 group: self.sampling.samples,
@@ -185,7 +185,7 @@ impl Stage for GrpoStage {
             _ => Box::new(GroupSampler {
                 sampler: Sampler {
                     cfg: self.sampling.clone(),
-                    template: ctx.run.template,
+                    template: ctx.run.template.clone(),
                     reward: reward(&judge),
                 },
                 advantage,

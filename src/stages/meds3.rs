@@ -67,7 +67,7 @@ impl Stage for SearchStage {
         let rollout = MctsRollout {
             mcts: self.mcts.clone(),
             generation: self.generation.clone(),
-            template: ctx.run.template,
+            template: ctx.run.template.clone(),
             iteration: self.iteration,
         };
         let (stored, report) = collect(Collect {
@@ -240,7 +240,7 @@ impl Stage for PolicyStage {
     }
 
     fn run(&self, ctx: &mut StageCtx) -> Result<StageOutput> {
-        let template = ctx.run.template;
+        let template = ctx.run.template.clone();
         let mut examples = Vec::new();
         let mut refused = 0usize;
         for (p, r) in records(ctx, &self.data)? {
@@ -349,7 +349,7 @@ fn prm_examples(
     stage: &PrmStage,
     policy: &medzero_policies::Policy,
 ) -> Result<Vec<PrmExample>> {
-    let template = ctx.run.template;
+    let template = ctx.run.template.clone();
     let mut out = Vec::new();
     for (p, r) in records(ctx, &stage.data)? {
         let keep = if stage.balance {

@@ -119,7 +119,7 @@ fn read_sharegpt(path: &Path) -> Result<Vec<ShareGpt>> {
 }
 
 fn examples(ctx: &StageCtx, records: &[ShareGpt]) -> Vec<Example> {
-    let template = ctx.run.template;
+    let template = ctx.run.template.clone();
     records
         .iter()
         .map(|r| Example {
@@ -269,7 +269,7 @@ impl Stage for CorrectionStage {
                 .collect::<Result<_>>()?;
             let rollout = Sampler {
                 cfg: stage.sampling.clone(),
-                template: ctx.run.template,
+                template: ctx.run.template.clone(),
                 reward: RuleVerifier,
             };
             let dir = ctx.dir.join("attempts");

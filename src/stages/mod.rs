@@ -64,7 +64,7 @@ pub trait Stage {
 }
 
 /// Run-wide settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunSettings {
     pub seed: u64,
     /// Where models train and generate.
@@ -218,7 +218,7 @@ pub fn fine_tune(
     if !data_path.exists() {
         crate::infra::io::write_jsonl(&data_path, &data)?;
     }
-    let template = ctx.run.template;
+    let template = ctx.run.template.clone();
     let report = sft::train(&policy, &data, cfg, template, ctx.train_run())?;
     eprintln!(
         "{}: {} steps, {} tokens, final loss {:.4}, {:.1}s",

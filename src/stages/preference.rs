@@ -248,7 +248,7 @@ fn run(ctx: &mut StageCtx, stage: &PreferenceStage, loss: Loss) -> Result<StageO
             let pairs = round_pairs(ctx, stage, &tag, &dir, &current, problems, round)?;
             let policy = Policy::load(&current.dir, device, None)?;
             let reference = Policy::load(&reference_dir, device, None)?;
-            let end = policy.tokenizer.end_of_turn_id(ctx.run.template);
+            let end = policy.tokenizer.end_of_turn_id(&ctx.run.template);
             let max_len = stage.optim.max_len;
             let mut objective: Box<dyn BatchLoss> = match loss {
                 Loss::Dpo => {
@@ -297,7 +297,7 @@ fn run(ctx: &mut StageCtx, stage: &PreferenceStage, loss: Loss) -> Result<StageO
             let r = eval::evaluate(
                 &policy,
                 &ctx.world.test,
-                ctx.run.template,
+                &ctx.run.template,
                 &stage.eval,
                 eval::Graders {
                     judge: judge.as_deref(),
@@ -370,7 +370,7 @@ fn round_pairs(
             let seed = ctx.run.seed + round as u64;
             let stored = sample(ctx, stage, tag, &samples, current, problems, seed)?;
             let policy = Policy::load(&current.dir, ctx.run.device, None)?;
-            let template = ctx.run.template;
+            let template = ctx.run.template.clone();
             let mut by_problem: BTreeMap<&str, Vec<&Trajectory>> = BTreeMap::new();
             for t in &stored {
                 by_problem.entry(t.problem_id.as_str()).or_default().push(t);
@@ -419,7 +419,7 @@ fn sample(
     problems: &[Problem],
     seed: u64,
 ) -> Result<Vec<Trajectory>> {
-    let template = ctx.run.template;
+    let template = ctx.run.template.clone();
     let teacher = match stage.corrector {
         Corrector::Teacher if stage.pairs == PairBuilder::SelfCorrection => {
             Some(ctx.services.teacher()?)
@@ -512,7 +512,7 @@ fn best_vs_worst(policy: &Policy, attempts: &[&Trajectory], prompt: &str) -> Res
 
 /// Correct finished leaves of MedS3 trees against wrong ones.
 fn tree_pairs(ctx: &StageCtx, stage: &PreferenceStage) -> Result<Vec<Pair>> {
-    let template = ctx.run.template;
+    let template = ctx.run.template.clone();
     let text = |leaf: &crate::rollout::mcts::Meds3Leaf| {
         let steps: Vec<Step> = leaf
             .chain

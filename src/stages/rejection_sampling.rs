@@ -109,7 +109,7 @@ impl Stage for RejectionSamplingStage {
         let mut objective = TrajectorySft::new(
             &policy,
             problems,
-            ctx.run.template,
+            ctx.run.template.clone(),
             self.min_reward,
             self.importance_clip,
             self.max_len,
@@ -121,7 +121,7 @@ impl Stage for RejectionSamplingStage {
         };
         let rollout = Sampler {
             cfg: self.sampling.clone(),
-            template: ctx.run.template,
+            template: ctx.run.template.clone(),
             reward,
         };
         let run = OnlineRun {

@@ -84,8 +84,12 @@ impl Stage for RlooStage {
         let init = ctx.model(&self.init)?;
         let policy = Policy::load(&init.dir, ctx.run.device, None)?;
         let problems = ctx.train_problems(self.problems, 0);
-        let mut objective =
-            RlooObjective::new(&policy, problems, ctx.run.template, self.rloo.clone())?;
+        let mut objective = RlooObjective::new(
+            &policy,
+            problems,
+            ctx.run.template.clone(),
+            self.rloo.clone(),
+        )?;
         let kl = (self.rloo.beta > 0.0)
             .then(|| {
                 anyhow::Ok(KlPenalty {
@@ -100,12 +104,12 @@ impl Stage for RlooStage {
         let rollout = GroupSampler {
             sampler: Sampler {
                 cfg: self.sampling.clone(),
-                template: ctx.run.template,
+                template: ctx.run.template.clone(),
                 reward: reward(&judge),
             },
             advantage: Box::new(LeaveOneOut {
                 kl,
-                template: ctx.run.template,
+                template: ctx.run.template.clone(),
             }),
         };
         let run = OnlineRun {

@@ -2,6 +2,7 @@
 //! used) as the teacher: e.g. a bigger model trained earlier.
 
 use super::{Teacher, TeacherError, Verdict};
+use crate::experiment::config::TemplateChoice;
 use crate::infra::{FNV_OFFSET, fnv1a64};
 use anyhow::{Context, Result};
 use medzero_envs::{Problem, Step, response_steps, verify};
@@ -21,8 +22,8 @@ use std::sync::Mutex;
 pub struct LocalTeacherConfig {
     pub model: PathBuf,
     /// The template the teacher model was trained with (default: the
-    /// student's).
-    pub template: Option<PromptTemplate>,
+    /// student's); `model` and `auto` resolve against the teacher's folder.
+    pub template: Option<TemplateChoice>,
     pub max_new_tokens: usize,
     /// Screening samples per question: the teacher keeps a question when
     /// at least `screen_agreement` of them name the same option as its
@@ -102,9 +103,15 @@ impl LocalTeacher {
         let dir = crate::infra::io::resolve_model(&cfg.model).context("teacher.local.model")?;
         let policy = Policy::load(&dir, device, None)
             .with_context(|| format!("loading the teacher model {}", dir.display()))?;
+        let template = match cfg.template {
+            Some(choice) => choice
+                .resolve(policy.tokenizer.chat_template())
+                .context("teacher.local.template")?,
+            None => student_template,
+        };
         Ok(LocalTeacher {
             policy: Mutex::new(policy),
-            template: cfg.template.unwrap_or(student_template),
+            template,
             cfg: cfg.clone(),
             dir,
             greedy: Mutex::new(HashMap::new()),
@@ -130,7 +137,7 @@ impl LocalTeacher {
             } else {
                 1.0
             },
-            stop_token_ids: vec![policy.tokenizer.end_of_turn_id(self.template)],
+            stop_token_ids: vec![policy.tokenizer.end_of_turn_id(&self.template)],
             ..SamplingParams::default()
         };
         let mut rng = self.rng(

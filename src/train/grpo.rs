@@ -344,10 +344,10 @@ impl GrpoObjective {
         }
         Ok(GrpoObjective {
             cfg,
-            prompts: encode_prompts(policy, problems, template)?,
+            prompts: encode_prompts(policy, problems, &template)?,
             max_completion,
             reference,
-            end_of_turn: policy.tokenizer.end_of_turn_id(template),
+            end_of_turn: policy.tokenizer.end_of_turn_id(&template),
         })
     }
 }

@@ -97,8 +97,8 @@ impl RlooObjective {
     ) -> Result<RlooObjective> {
         Ok(RlooObjective {
             cfg,
-            prompts: encode_prompts(policy, problems, template)?,
-            end_of_turn: policy.tokenizer.end_of_turn_id(template),
+            prompts: encode_prompts(policy, problems, &template)?,
+            end_of_turn: policy.tokenizer.end_of_turn_id(&template),
         })
     }
 }

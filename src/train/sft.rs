@@ -138,7 +138,7 @@ pub fn train(
     template: PromptTemplate,
     run: TrainRun,
 ) -> Result<TrainReport> {
-    let end = policy.tokenizer.end_of_turn_id(template);
+    let end = policy.tokenizer.end_of_turn_id(&template);
     let encoded: Vec<Encoded> = data
         .iter()
         .map(|e| encode(policy, e, end, cfg.max_len))
@@ -208,7 +208,7 @@ impl TrajectorySft {
         max_len: usize,
     ) -> Result<TrajectorySft> {
         Ok(TrajectorySft {
-            prompts: encode_prompts(policy, problems, template)?,
+            prompts: encode_prompts(policy, problems, &template)?,
             min_reward,
             importance_clip,
             max_len,
@@ -222,7 +222,7 @@ impl TrajectorySft {
 pub fn encode_prompts(
     policy: &Policy,
     problems: &[medzero_envs::Problem],
-    template: PromptTemplate,
+    template: &PromptTemplate,
 ) -> Result<std::collections::HashMap<String, Vec<i64>>> {
     problems
         .iter()
@@ -250,7 +250,7 @@ impl crate::runtime::learner::Objective for TrajectorySft {
         let mut ids = Vec::with_capacity(batch.len());
         let mut targets = Vec::with_capacity(batch.len());
         let mut behaviour = Vec::with_capacity(batch.len());
-        let end = policy.tokenizer.end_of_turn_id(self.template);
+        let end = policy.tokenizer.end_of_turn_id(&self.template);
         for t in batch {
             let prompt = &self.prompts[&t.problem_id];
             let completion = if t.tokens.is_empty() {

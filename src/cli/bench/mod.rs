@@ -514,7 +514,7 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
             max_new_tokens: 32,
             ..SamplingConfig::default()
         },
-        template,
+        template: template.clone(),
         reward: medzero_rewards::RuleVerifier,
     };
     let build = || Ok(Policy::load(&model_dir, tch::Device::Cpu, None)?);
@@ -534,7 +534,8 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
     let mut rates = Vec::new();
     for (name, mode, actors, actor_threads) in setups {
         let learner_policy = build()?;
-        let mut objective = TrajectorySft::new(&learner_policy, problems, template, 0.0, 0.0, 512)?;
+        let mut objective =
+            TrajectorySft::new(&learner_policy, problems, template.clone(), 0.0, 0.0, 512)?;
         let (secs, _) = bench.run(
             name,
             &rollout,
@@ -559,7 +560,7 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
         let mut objective = GrpoObjective::new(
             &learner_policy,
             problems,
-            template,
+            template.clone(),
             GrpoConfig::default(),
             32,
             None,
