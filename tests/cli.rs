@@ -221,7 +221,8 @@ fn quickstart_runs_writes_results_and_events_and_resumes() {
     assert!(acc("random-option") < 0.4);
     assert!(rows.iter().all(|r| r["selection_accuracy"].is_object()));
 
-    let tb = tb_read(&run);
+    // The stage's own TensorBoard run (its folder).
+    let tb = tb_read(&run.join("stages/0-baselines"));
     let teacher = &tb["scalars"]["baselines/synthclinic-test/teacher"];
     assert_eq!(teacher[0][0], 0);
     assert!((teacher[0][1].as_f64().unwrap() - acc("teacher")).abs() < 1e-6);

@@ -263,26 +263,44 @@ fn async_actors_survive_injected_panics_and_lag_is_bounded() {
     );
     assert!(rep["steps"].as_u64().unwrap() > 0, "{rep}");
 
-    let tb = support::tb_read(&r._dir.path().join("runs/o"));
-    // Each stage's curves in its own section.
+    // Each stage writes its own TensorBoard run (its folder), under the same
+    // tag names, and no run holds another stage's points.
+    let tb = support::tb_read(&r.stage);
+    let base = support::tb_read(&r._dir.path().join("runs/o/stages/0-base"));
     for tag in [
-        "rs/train/version_diff_avg",
-        "rs/train/version_diff_max",
-        "rs/perf/rollouts_per_s",
-        "rs/perf/tokens_per_s",
-        "rs/perf/learner_tokens_per_s",
-        "rs/queue/depth",
-        "rs/queue/dropped_stale",
-        "rs/actor/idle_frac",
-        "rs/learner/wait_frac",
-        "base/perf/learner_tokens_per_s",
+        "train/version_diff_avg",
+        "train/version_diff_max",
+        "perf/rollouts_per_s",
+        "perf/tokens_per_s",
+        "perf/learner_tokens_per_s",
+        "queue/depth",
+        "queue/dropped_stale",
+        "actor/idle_frac",
+        "learner/wait_frac",
     ] {
         assert!(
             tb["scalars"].get(tag).is_some(),
-            "{tag} missing from TensorBoard"
+            "{tag} missing from the online stage's TensorBoard run"
+        );
+        if tag != "perf/learner_tokens_per_s" {
+            assert!(
+                base["scalars"].get(tag).is_none(),
+                "{tag} in the SFT stage's run"
+            );
+        }
+    }
+    for tag in ["train/loss", "perf/learner_tokens_per_s"] {
+        assert!(
+            base["scalars"].get(tag).is_some(),
+            "{tag} missing from the SFT stage's run"
         );
     }
-    let max_lag = tb["scalars"]["rs/train/version_diff_max"]
+    let run = support::tb_read(&r._dir.path().join("runs/o"));
+    assert!(
+        run["scalars"].as_object().is_none_or(|m| m.is_empty()),
+        "the run folder holds no stage's points: {run}"
+    );
+    let max_lag = tb["scalars"]["train/version_diff_max"]
         .as_array()
         .unwrap()
         .iter()

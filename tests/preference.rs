@@ -232,7 +232,7 @@ fn tr_dpo_resumes_bit_identically_with_its_synced_reference() {
         "logps/chosen",
         "logps/rejected",
     ] {
-        assert_eq!(rec.scalars(&format!("dpo/{tag}")).len(), 8, "{tag}");
+        assert_eq!(rec.scalars(&format!("train/{tag}")).len(), 8, "{tag}");
     }
 
     // A run of 3 steps (the reference synced at step 2), then resumed to 8:
@@ -312,8 +312,8 @@ fn dpo_training_raises_the_chosen_margin() {
         },
     )
     .unwrap();
-    let acc = rec.scalars("dpo/rewards/accuracies");
-    let margins = rec.scalars("dpo/rewards/margins");
+    let acc = rec.scalars("train/rewards/accuracies");
+    let margins = rec.scalars("train/rewards/margins");
     // Policy = reference at step 1, up to float error: the reference was
     // computed in batches of 2, the policy in one batch of 4.
     assert!(margins[0].1.abs() < 1e-3, "{margins:?}");
@@ -413,7 +413,7 @@ fn medzero_step(
         .into_iter()
         .filter_map(|r| match r.value {
             medzero::infra::monitor::Value::Scalar(x) => {
-                r.tag.strip_prefix("t/").map(|t| (t.to_string(), x))
+                r.tag.strip_prefix("train/").map(|t| (t.to_string(), x))
             }
             _ => None,
         })

@@ -10,7 +10,7 @@
 use super::config::Config;
 use super::overrides::config_diff;
 use super::student::base_student;
-use crate::infra::monitor::{Metrics, TensorBoard};
+use crate::infra::monitor::TensorBoard;
 use crate::infra::results::Results;
 use crate::stages::{Earlier, RunSettings, Services, StageCtx, StageOutput};
 use crate::teacher::Teacher;
@@ -106,8 +106,6 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
     if !data_dir.join("test.jsonl").exists() {
         world.write_dir(&data_dir)?;
     }
-    let mut tb = TensorBoard::create(&dir)
-        .with_context(|| format!("creating TensorBoard events in {}", dir.display()))?;
     let template = super::student::student_template(cfg)?;
     let settings = RunSettings {
         seed: cfg.run.seed,
@@ -137,6 +135,11 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
                 .with_context(|| format!("reading {}", result_path.display()))?
         } else {
             std::fs::create_dir_all(&stage_dir)?;
+            // One TensorBoard run per stage (its folder), so stages share
+            // tag names and their curves overlay instead of mixing.
+            let mut tb = TensorBoard::create(&stage_dir).with_context(|| {
+                format!("creating TensorBoard events in {}", stage_dir.display())
+            })?;
             let mut ctx = StageCtx {
                 name,
                 dir: &stage_dir,
@@ -164,7 +167,6 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    tb.flush().context("writing TensorBoard events")?;
 
     let results = Results {
         run: cfg.run.name.clone(),

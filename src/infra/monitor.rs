@@ -81,31 +81,6 @@ impl Metrics for Null {
     }
 }
 
-/// Puts every tag under `prefix/`: a stage's own section, so two stages of
-/// one run never write the same curve.
-pub struct Scoped<'a> {
-    pub prefix: &'a str,
-    pub inner: &'a mut dyn Metrics,
-}
-
-impl Metrics for Scoped<'_> {
-    fn scalar(&mut self, tag: &str, step: u64, value: f64) {
-        self.inner
-            .scalar(&format!("{}/{tag}", self.prefix), step, value);
-    }
-    fn histogram(&mut self, tag: &str, step: u64, values: &[f64]) {
-        self.inner
-            .histogram(&format!("{}/{tag}", self.prefix), step, values);
-    }
-    fn text(&mut self, tag: &str, step: u64, text: &str) {
-        self.inner
-            .text(&format!("{}/{tag}", self.prefix), step, text);
-    }
-    fn flush(&mut self) -> Result<(), MonitorError> {
-        self.inner.flush()
-    }
-}
-
 /// Sends every record to several sinks, e.g. TensorBoard plus a [`Recorder`].
 pub struct Fanout {
     sinks: Vec<Box<dyn Metrics>>,

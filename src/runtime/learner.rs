@@ -24,7 +24,7 @@ use super::source::ProblemSource;
 use super::store::{STORE_FILE, TrajectoryStore, read_trajectories};
 use super::weights::{PolicySnapshot, WeightSlot};
 use crate::infra::checkpoint::{Checkpoints, TrainerState};
-use crate::infra::monitor::{Metrics, Scoped};
+use crate::infra::monitor::Metrics;
 use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
 use medzero_envs::{Problem, Trajectory};
@@ -353,10 +353,7 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         objective: s.objective,
         opt,
         ckpts,
-        metrics: &mut Scoped {
-            prefix: s.name,
-            inner: s.metrics,
-        },
+        metrics: s.metrics,
         state,
         counters,
         pending,

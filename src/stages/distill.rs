@@ -153,6 +153,6 @@ fn teacher_examples(
         );
     }
     ctx.metrics
-        .scalar(&format!("{name}/teacher_failures"), 0, failed.len() as f64);
+        .scalar("teacher/failures", 0, failed.len() as f64);
     Ok(data)
 }

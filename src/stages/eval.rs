@@ -6,6 +6,7 @@
 use super::{Stage, StageCtx, StageOutput};
 use crate::eval::{self, EvalConfig};
 use crate::infra::io::{write_json, write_jsonl};
+use crate::infra::monitor::{Metrics, TensorBoard};
 use crate::infra::results::Group;
 use anyhow::{Context, Result};
 use medzero_envs::synthclinic::{Case, SynthClinic, case::required_lab_values};
@@ -85,9 +86,11 @@ impl Stage for EvalStage {
                 &mut rng,
             )
             .with_context(|| format!("scoring {name}"))?;
+            // Each model's figures in its own TensorBoard run under the
+            // stage, under the same tags, so models overlay.
+            let mut tb = TensorBoard::create(&ctx.dir.join(name))?;
             if let Some(j) = &r.judge {
-                ctx.metrics
-                    .scalar(&format!("eval/{name}/judge_accuracy"), 0, j.accuracy);
+                tb.scalar("eval/judge_accuracy", 0, j.accuracy);
                 eprintln!(
                     "{name}: judge {} calls {:.1}% correct (strict rule {:.1}%), agreeing with the rule on {:.1}%, {} failed judgements",
                     j.judge,
@@ -104,8 +107,7 @@ impl Stage for EvalStage {
                     ("accuracy", q.accuracy),
                     ("auroc", q.auroc),
                 ] {
-                    ctx.metrics
-                        .scalar(&format!("eval/{name}/prm_step_{k}"), 0, v);
+                    tb.scalar(&format!("eval/prm_step_{k}"), 0, v);
                 }
                 eprintln!(
                     "{name}: PRM {} against the world's step labels: accuracy {:.1}%, AUROC {:.3} over {} steps ({:.1}% correct)",
@@ -117,13 +119,9 @@ impl Stage for EvalStage {
                 );
                 write_json(&ctx.dir.join(format!("prm_quality-{name}.json")), q)?;
             }
-            ctx.metrics.scalar(
-                &format!("eval/{name}/greedy_accuracy"),
-                0,
-                r.greedy_accuracy,
-            );
+            tb.scalar("eval/greedy_accuracy", 0, r.greedy_accuracy);
             for (rule, acc) in &r.selection_accuracy {
-                ctx.metrics.scalar(&format!("eval/{name}/{rule}"), 0, *acc);
+                tb.scalar(&format!("eval/{rule}"), 0, *acc);
             }
             write_jsonl(
                 &ctx.dir.join(format!("predictions-{name}.jsonl")),
@@ -131,8 +129,8 @@ impl Stage for EvalStage {
             )?;
             let groups = lab_value_groups(ctx.world, &seen, &r.predictions);
             for (group, g) in &groups {
-                ctx.metrics.scalar(
-                    &format!("eval/{name}/{group}/greedy_accuracy"),
+                tb.scalar(
+                    &format!("eval/{group}/greedy_accuracy"),
                     0,
                     g.greedy_accuracy,
                 );
@@ -142,6 +140,7 @@ impl Stage for EvalStage {
                     g.n
                 );
             }
+            tb.flush()?;
             let mut row = r.into_row(
                 name,
                 m.training_tokens,

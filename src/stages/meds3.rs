@@ -102,14 +102,11 @@ impl Stage for SearchStage {
         write_json(&ctx.dir.join("search.json"), &health)?;
         let n = health.trees.max(1) as f64;
         ctx.metrics
-            .scalar(&format!("{name}/solved_frac"), 0, health.solved as f64 / n);
+            .scalar("search/solved_frac", 0, health.solved as f64 / n);
+        ctx.metrics
+            .scalar("search/nodes_per_tree", 0, health.nodes as f64 / n);
         ctx.metrics.scalar(
-            &format!("{name}/nodes_per_tree"),
-            0,
-            health.nodes as f64 / n,
-        );
-        ctx.metrics.scalar(
-            &format!("{name}/leaf_accuracy"),
+            "search/leaf_accuracy",
             0,
             health.pos as f64 / health.finished_leaves.max(1) as f64,
         );

@@ -211,9 +211,9 @@ impl Stage for KnowledgeStage {
                 failed.len()
             );
             ctx.metrics
-                .scalar(&format!("{name}/screened_out"), 0, screened as f64);
+                .scalar("teacher/screened_out", 0, screened as f64);
             ctx.metrics
-                .scalar(&format!("{name}/teacher_failures"), 0, failed.len() as f64);
+                .scalar("teacher/failures", 0, failed.len() as f64);
             write_jsonl(&path, &records)?;
             records
         };
@@ -323,8 +323,7 @@ impl Stage for CorrectionStage {
                 problems.len(),
                 n_wrong - failed
             );
-            ctx.metrics
-                .scalar(&format!("{name}/wrong_attempts"), 0, n_wrong as f64);
+            ctx.metrics.scalar("data/wrong_attempts", 0, n_wrong as f64);
             write_jsonl(&path, &out)?;
             out
         };

@@ -9,6 +9,7 @@
 use super::{Stage, StageCtx, StageOutput, TrainedModel, required};
 use crate::eval::{self, EvalConfig};
 use crate::infra::io::{read_jsonl, write_json, write_jsonl};
+use crate::infra::monitor::{Metrics, TensorBoard};
 use crate::rollout::medcritical::{
     Correction, Corrector, SelfCorrection, attempt_ids, attempt_text,
 };
@@ -245,7 +246,9 @@ fn run(ctx: &mut StageCtx, stage: &PreferenceStage, loss: Loss) -> Result<StageO
         } else {
             std::fs::create_dir_all(&dir)?;
             let tag = format!("{name}/round-{round}");
-            let pairs = round_pairs(ctx, stage, &tag, &dir, &current, problems, round)?;
+            // Each round's sampling and training in its own TensorBoard run.
+            let mut tb = TensorBoard::create(&dir)?;
+            let pairs = round_pairs(ctx, &mut tb, stage, &tag, &dir, &current, problems, round)?;
             let policy = Policy::load(&current.dir, device, None)?;
             let reference = Policy::load(&reference_dir, device, None)?;
             let end = policy.tokenizer.end_of_turn_id(&ctx.run.template);
@@ -288,10 +291,11 @@ fn run(ctx: &mut StageCtx, stage: &PreferenceStage, loss: Loss) -> Result<StageO
                     seed: ctx.run.seed + round as u64,
                     dir: &dir,
                     tag: &tag,
-                    metrics: &mut *ctx.metrics,
+                    metrics: &mut tb,
                     stop: ctx.stop,
                 },
             )?;
+            tb.flush()?;
             crate::infra::io::save_model(&policy, &dir.join("model"))?;
             let mut rng = ChaCha8Rng::seed_from_u64(ctx.run.seed);
             let r = eval::evaluate(
@@ -305,11 +309,8 @@ fn run(ctx: &mut StageCtx, stage: &PreferenceStage, loss: Loss) -> Result<StageO
                 },
                 &mut rng,
             )?;
-            ctx.metrics.scalar(
-                &format!("eval/{name}/greedy_accuracy"),
-                round as u64,
-                r.greedy_accuracy,
-            );
+            ctx.metrics
+                .scalar("eval/greedy_accuracy", round as u64, r.greedy_accuracy);
             let tokens = current.training_tokens + trained.tokens;
             let greedy_accuracy = r.greedy_accuracy;
             let row = r.into_row(&format!("{name}-round-{round}"), tokens, trained.wall_s);
@@ -349,8 +350,10 @@ fn run(ctx: &mut StageCtx, stage: &PreferenceStage, loss: Loss) -> Result<StageO
 }
 
 /// The round's pairs: read back from `pairs.jsonl`, or built and written.
+#[allow(clippy::too_many_arguments)]
 fn round_pairs(
     ctx: &mut StageCtx,
+    metrics: &mut dyn Metrics,
     stage: &PreferenceStage,
     tag: &str,
     dir: &Path,
@@ -368,7 +371,7 @@ fn round_pairs(
             let samples = dir.join("samples");
             std::fs::create_dir_all(&samples)?;
             let seed = ctx.run.seed + round as u64;
-            let stored = sample(ctx, stage, tag, &samples, current, problems, seed)?;
+            let stored = sample(ctx, metrics, stage, tag, &samples, current, problems, seed)?;
             let policy = Policy::load(&current.dir, ctx.run.device, None)?;
             let template = ctx.run.template.clone();
             let mut by_problem: BTreeMap<&str, Vec<&Trajectory>> = BTreeMap::new();
@@ -403,15 +406,16 @@ fn round_pairs(
         );
     }
     write_jsonl(&path, &pairs)?;
-    ctx.metrics
-        .scalar(&format!("{tag}/pairs"), 0, pairs.len() as f64);
+    metrics.scalar("data/pairs", 0, pairs.len() as f64);
     Ok(pairs)
 }
 
 /// The student's attempts on `problems` with the `current` model, on the
 /// actor runtime (resumable from its store).
+#[allow(clippy::too_many_arguments)]
 fn sample(
     ctx: &mut StageCtx,
+    metrics: &mut dyn Metrics,
     stage: &PreferenceStage,
     tag: &str,
     dir: &Path,
@@ -455,7 +459,7 @@ fn sample(
         rollout,
         runtime: &stage.runtime,
         seed,
-        metrics: &mut *ctx.metrics,
+        metrics,
         stop: ctx.stop,
     })?;
     Ok(stored)

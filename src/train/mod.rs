@@ -180,7 +180,8 @@ pub struct TrainRun<'a> {
     pub seed: u64,
     /// Checkpoints go to `dir/checkpoints`.
     pub dir: &'a Path,
-    /// Names the run in messages and prefixes its metric tags.
+    /// Names the run in messages and progress (its metrics are `train/*`, in
+    /// the stage's own TensorBoard run).
     pub tag: &'a str,
     pub metrics: &'a mut dyn Metrics,
     /// Set by SIGINT/SIGTERM: checkpoint and return.
@@ -287,19 +288,19 @@ pub fn train(
 
         let step = state.step as u64;
         if state.step % cfg.log_every.max(1) == 0 || state.step == total_steps {
-            metrics.scalar(&format!("{tag}/loss"), step, loss_sum);
-            metrics.scalar(&format!("{tag}/learning_rate"), step, lr);
-            metrics.scalar(&format!("{tag}/grad_norm"), step, grad_norm);
+            metrics.scalar("train/loss", step, loss_sum);
+            metrics.scalar("train/learning_rate", step, lr);
+            metrics.scalar("train/grad_norm", step, grad_norm);
             metrics.scalar(
-                &format!("{tag}/epoch"),
+                "train/epoch",
                 step,
                 state.epoch as f64 + state.position as f64 / n as f64,
             );
             for (k, v) in &step_metrics {
-                metrics.scalar(&format!("{tag}/{k}"), step, *v);
+                metrics.scalar(&format!("train/{k}"), step, *v);
             }
             metrics.scalar(
-                &format!("{tag}/perf/learner_tokens_per_s"),
+                "perf/learner_tokens_per_s",
                 step,
                 tokens as f64 / t0.elapsed().as_secs_f64(),
             );
