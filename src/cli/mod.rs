@@ -54,6 +54,11 @@ enum Command {
         /// CPU threads for both sides (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// An HF model folder (e.g. .medzero/models/SmolLM2-135M-Instruct)
+        /// instead of the quickstart student: decode, prefix reuse, SFT and
+        /// DPO rows beside transformers and TRL on the same folder.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
 }
 
@@ -245,7 +250,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             no_peer,
             threads,
-        } => bench::command(json, no_peer, threads),
+            model,
+        } => bench::command(json, no_peer, threads, model),
     }
 }
 

@@ -16,6 +16,7 @@ use medzero_policies::{Policy, SamplingParams};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::path::PathBuf;
 use std::time::Instant;
 
 const PEER_SCRIPT: &str = include_str!("../../../benches/peer/bench_peer.py");
@@ -35,6 +36,10 @@ pub struct BenchConfig {
     pub repeats: usize,
     /// Run the transformers / PyTorch side too.
     pub peer: bool,
+    /// An HF model folder to benchmark instead of the quickstart student:
+    /// decode, prefill reuse, SFT and DPO rows only (the search and runtime
+    /// rows run on SynthClinic's student).
+    pub model: Option<PathBuf>,
 }
 
 impl Default for BenchConfig {
@@ -53,6 +58,27 @@ impl Default for BenchConfig {
             train_steps: 5,
             repeats: 3,
             peer: true,
+            model: None,
+        }
+    }
+}
+
+impl BenchConfig {
+    /// Sizes for a real model (SmolLM2-135M: 100x the quickstart student)
+    /// that keep `bench --model` to minutes on two cores.
+    pub fn for_model(dir: PathBuf) -> Self {
+        BenchConfig {
+            prompt_len: 64,
+            new_tokens: 32,
+            batches: vec![1, 8, 32],
+            samples: 8,
+            prefix_len: 128,
+            train_batch: 8,
+            train_len: 128,
+            train_steps: 2,
+            repeats: 2,
+            model: Some(dir),
+            ..BenchConfig::default()
         }
     }
 }
@@ -136,11 +162,17 @@ fn random_prompts(rng: &mut ChaCha8Rng, n: usize, len: usize, vocab: i64) -> Vec
 }
 
 /// `medzero bench`: the table (or JSON) on stdout.
-pub(super) fn command(json: bool, no_peer: bool, threads: Option<usize>) -> Result<()> {
-    let mut cfg = BenchConfig {
-        peer: !no_peer,
-        ..Default::default()
+pub(super) fn command(
+    json: bool,
+    no_peer: bool,
+    threads: Option<usize>,
+    model: Option<PathBuf>,
+) -> Result<()> {
+    let mut cfg = match model {
+        Some(dir) => BenchConfig::for_model(crate::infra::io::resolve_model(&dir)?),
+        None => BenchConfig::default(),
     };
+    cfg.peer = !no_peer;
     if let Some(t) = threads {
         if !(1..=1024).contains(&t) {
             bail!("--threads must be between 1 and 1024, got {t}");
@@ -158,10 +190,14 @@ pub(super) fn command(json: bool, no_peer: bool, threads: Option<usize>) -> Resu
 
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     tch::set_num_threads(cfg.threads as i32);
-    // The quickstart's student: the model every CPU experiment trains.
+    // The quickstart's student (the model every CPU experiment trains), or
+    // the given folder.
     let exp = Config::default();
     let world = SynthClinic::generate(&exp.data.synthclinic)?;
-    let policy = base_student(&exp, &world, tch::Device::Cpu)?;
+    let policy = match &cfg.model {
+        Some(dir) => Policy::load(dir, tch::Device::Cpu, None)?,
+        None => base_student(&exp, &world, tch::Device::Cpu)?,
+    };
     let c = policy.config();
     let model = format!(
         "{:?} hidden {} x {} layers, {} heads ({} kv), vocab {}, {} parameters",
@@ -268,10 +304,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     });
 
     rows.push(dpo_row(&policy, cfg)?);
-    rows.push(grpo_row(&policy, cfg)?);
-    rows.extend(mcts_rows(&policy, &world)?);
-    rows.extend(queue_rows());
-    rows.extend(runtime_rows(&policy, &world, cfg)?);
+    if cfg.model.is_none() {
+        rows.push(grpo_row(&policy, cfg)?);
+        rows.extend(mcts_rows(&policy, &world)?);
+        rows.extend(queue_rows());
+        rows.extend(runtime_rows(&policy, &world, cfg)?);
+    }
 
     let mut peer_versions = None;
     if cfg.peer {
@@ -718,8 +756,15 @@ fn grpo_row(policy: &Policy, cfg: &BenchConfig) -> Result<BenchRow> {
 
 fn run_peer(policy: &Policy, cfg: &BenchConfig) -> Result<serde_json::Value> {
     let tmp = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
-    let model_dir = tmp.join("model");
-    policy.save(&model_dir)?;
+    let model_dir = match &cfg.model {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = tmp.join("model");
+            policy.save(&dir)?;
+            dir
+        }
+    };
+    std::fs::create_dir_all(&tmp)?;
     let script = tmp.join("bench_peer.py");
     std::fs::write(&script, PEER_SCRIPT)?;
     let spec = tmp.join("spec.json");
