@@ -198,3 +198,116 @@ fn smollm2_matches_transformers_on_templates_greedy_tokens_and_option_logliks() 
         assert_eq!(argmax(&ours_sums), argmax(&want), "item {k}: chosen option");
     }
 }
+
+/// `medzero eval` on the real model: `--mode mcq-loglik` and generation with
+/// `--shots` write a predictions line per scored question that shows what
+/// the model was asked and answered; bad combinations are refused.
+#[test]
+fn eval_cli_writes_predictions_in_both_modes() {
+    let dir = medzero_policies::peer::smollm2();
+    let model = dir.to_str().unwrap();
+    let data = support::meds3_eval("bioasq.json");
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = |p: &Path| -> Vec<Json> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+
+    let out_ll = tmp.path().join("ll.jsonl");
+    let o = support::medzero(&[
+        "eval",
+        model,
+        "--data",
+        data,
+        "--mode",
+        "mcq-loglik",
+        "--limit",
+        "3",
+        "--json",
+        "--predictions",
+        out_ll.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", support::stderr(&o));
+    let report: Json = serde_json::from_str(&support::stdout(&o)).unwrap();
+    let preds = lines(&out_ll);
+    assert_eq!(preds.len(), 3);
+    let acc = preds.iter().filter(|p| p["correct"] == true).count() as f64 / 3.0;
+    assert!(
+        (report["report"]["acc"].as_f64().unwrap() - acc).abs() < 1e-9,
+        "{report}"
+    );
+    for p in &preds {
+        assert_eq!(p["logliks"].as_array().unwrap().len(), 2, "{p}");
+        // The model's own template, with its default system message.
+        assert!(
+            p["prompt"]
+                .as_str()
+                .unwrap()
+                .starts_with("<|im_start|>system\n"),
+            "{p}"
+        );
+        assert!(
+            p["prompt"]
+                .as_str()
+                .unwrap()
+                .ends_with("Answer:<|im_end|>\n<|im_start|>assistant\n")
+        );
+    }
+
+    // Two shots from the file itself: its first two questions are not scored.
+    let out_gen = tmp.path().join("gen.jsonl");
+    let o = support::medzero(&[
+        "eval",
+        model,
+        "--data",
+        data,
+        "--shots",
+        "2",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--predictions",
+        out_gen.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", support::stderr(&o));
+    let preds = lines(&out_gen);
+    let problems = loaders::load_problems(support::meds3_eval("bioasq.json")).unwrap();
+    let ids: Vec<&str> = preds.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [problems[2].id.as_str(), problems[3].id.as_str()]);
+    for p in &preds {
+        let prompt = p["prompt"].as_str().unwrap();
+        assert_eq!(
+            prompt
+                .matches("<|im_start|>assistant\nThe answer is ")
+                .count(),
+            2,
+            "{prompt}"
+        );
+        assert!(
+            p.get("response").is_some() && p.get("correct").is_some(),
+            "{p}"
+        );
+    }
+
+    let o = support::medzero(&[
+        "eval",
+        model,
+        "--data",
+        data,
+        "--mode",
+        "mcq-loglik",
+        "--shots",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        support::stderr(&o).contains("scores options only"),
+        "{}",
+        support::stderr(&o)
+    );
+}
