@@ -289,6 +289,14 @@ fn async_actors_survive_injected_panics_and_lag_is_bounded() {
             );
         }
     }
+    // The stage's settings are in its HParams tab.
+    assert_eq!(base["hparams"]["kind"], "pretrain", "{}", base["hparams"]);
+    assert!(
+        base["hparams"]["sft.lr"].as_f64().is_some(),
+        "{}",
+        base["hparams"]
+    );
+    assert_eq!(tb["hparams"]["name"], "rs", "{}", tb["hparams"]);
     for tag in ["train/loss", "perf/learner_tokens_per_s"] {
         assert!(
             base["scalars"].get(tag).is_some(),

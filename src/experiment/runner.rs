@@ -10,7 +10,7 @@
 use super::config::Config;
 use super::overrides::config_diff;
 use super::student::base_student;
-use crate::infra::monitor::TensorBoard;
+use crate::infra::monitor::{HParam, TensorBoard};
 use crate::infra::results::Results;
 use crate::stages::{Earlier, RunSettings, Services, StageCtx, StageOutput};
 use crate::teacher::Teacher;
@@ -20,6 +20,7 @@ use medzero_envs::synthclinic::SynthClinic;
 use medzero_policies::Policy;
 use medzero_policies::device::DeviceInfo;
 use medzero_policies::tokenizer::PromptTemplate;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -140,6 +141,11 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
             let mut tb = TensorBoard::create(&stage_dir).with_context(|| {
                 format!("creating TensorBoard events in {}", stage_dir.display())
             })?;
+            // The stage's settings in the HParams tab, beside the run's seed.
+            let mut hparams = BTreeMap::new();
+            HParam::flatten("", &serde_json::to_value(spec)?, &mut hparams);
+            hparams.insert("run.seed".into(), HParam::Number(cfg.run.seed as f64));
+            tb.hparams(&hparams);
             let mut ctx = StageCtx {
                 name,
                 dir: &stage_dir,

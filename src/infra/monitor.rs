@@ -13,6 +13,7 @@
 //! the five messages it needs. Field numbers follow `tensorboard/compat/proto`
 //! (`event.proto`, `summary.proto`, `histogram.proto`, `tensor.proto`).
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -421,6 +422,94 @@ impl<W: Write> Drop for TensorBoard<W> {
         let _ = self.flush_out();
     }
 }
+
+impl<W: Write> TensorBoard<W> {
+    /// The run's hyperparameters for TensorBoard's HParams tab: one session
+    /// start (`HParamsPluginData.session_start_info`) holding each value by
+    /// name, as `hparams.hp.hparams` writes it.
+    pub fn hparams(&mut self, hparams: &BTreeMap<String, HParam>) {
+        let mut start = Pb::default();
+        for (name, value) in hparams {
+            let mut v = Pb::default(); // google.protobuf.Value
+            match value {
+                HParam::Number(x) => v.double(2, *x),
+                HParam::Text(s) => v.bytes(3, s.as_bytes()),
+                HParam::Bool(b) => v.varint_field(4, u64::from(*b)),
+            }
+            let mut entry = Pb::default(); // map<string, Value> entry
+            entry.bytes(1, name.as_bytes());
+            entry.bytes(2, &v.0);
+            start.bytes(1, &entry.0); // SessionStartInfo.hparams
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        start.double(5, now); // SessionStartInfo.start_time_secs
+        let mut data = Pb::default();
+        data.bytes(3, &start.0); // HParamsPluginData.session_start_info
+        let mut plugin = Pb::default();
+        plugin.bytes(1, b"hparams"); // PluginData.plugin_name
+        plugin.bytes(2, &data.0); // PluginData.content
+        let mut metadata = Pb::default();
+        metadata.bytes(1, &plugin.0);
+        let mut tensor = Pb::default();
+        tensor.varint_field(1, DT_FLOAT); // a scalar 0: the value is in the metadata
+        tensor.float(5, 0.0);
+        let mut v = Pb::default();
+        v.bytes(1, b"_hparams_/session_start_info");
+        v.bytes(8, &tensor.0);
+        v.bytes(9, &metadata.0);
+        self.write_summary(0, &v);
+    }
+}
+
+/// One hyperparameter's value, as the HParams tab shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HParam {
+    Number(f64),
+    Text(String),
+    Bool(bool),
+}
+
+impl HParam {
+    /// `value` flattened into dotted names (`sft.lr`), arrays and nulls as
+    /// their JSON text.
+    pub fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, HParam>) {
+        use serde_json::Value as J;
+        let name = |k: &str| {
+            if prefix.is_empty() {
+                k.to_string()
+            } else {
+                format!("{prefix}.{k}")
+            }
+        };
+        match value {
+            J::Object(map) => {
+                for (k, v) in map {
+                    HParam::flatten(&name(k), v, out);
+                }
+            }
+            J::Number(n) => {
+                out.insert(
+                    prefix.to_string(),
+                    HParam::Number(n.as_f64().unwrap_or(f64::NAN)),
+                );
+            }
+            J::Bool(b) => {
+                out.insert(prefix.to_string(), HParam::Bool(*b));
+            }
+            J::String(s) => {
+                out.insert(prefix.to_string(), HParam::Text(s.clone()));
+            }
+            other => {
+                out.insert(prefix.to_string(), HParam::Text(other.to_string()));
+            }
+        }
+    }
+}
+
+/// `tensorflow.DataType.DT_FLOAT`.
+const DT_FLOAT: u64 = 1;
 
 /// `tensorflow.DataType.DT_STRING`.
 const DT_STRING: u64 = 7;

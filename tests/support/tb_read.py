@@ -11,7 +11,8 @@ TensorBoard's EventAccumulator makes of them. Output (one JSON object):
    "histograms": {tag: [[step, {"min", "max", "num", "sum", "sum_squares",
                                 "bucket_limit", "bucket"}], ...]},
    "text": {tag: [[step, text], ...]},
-   "tensors": {tag: [[step, [values...]], ...]}}   # non-text tensors
+   "tensors": {tag: [[step, [values...]], ...]},   # non-text tensors
+   "hparams": {name: value}}                        # the HParams tab's session
 
 Non-finite floats are written as the strings "nan", "inf" and "-inf" so the
 output stays strict JSON.
@@ -134,9 +135,25 @@ def main():
                 series.append([e.step, [num(x) for x in array.flatten()]])
         (text if tag in text_tags else tensors)[tag] = series
 
+    # The HParams tab's data: each session's hyperparameters by name.
+    hparams = {}
+    try:
+        contents = acc.PluginTagToContent("hparams")
+    except KeyError:
+        contents = {}
+    if contents:
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
+        for content in contents.values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            for name, value in data.session_start_info.hparams.items():
+                kind = value.WhichOneof("kind")
+                hparams[name] = getattr(value, kind) if kind else None
+
     json.dump(
         {
             "files": files,
+            "hparams": hparams,
             "scalars": scalars,
             "histograms": histograms,
             "text": text,
