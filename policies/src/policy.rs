@@ -270,6 +270,72 @@ impl Policy {
         })
     }
 
+    /// As [`Self::tail_logprobs`] for the sequences `context + c` of each
+    /// continuation `c`, with the context run once: its cached row is
+    /// copied per continuation and only the continuations go through the
+    /// model (a multiple-choice question's options share a long prompt).
+    pub fn continuation_logprobs(
+        &self,
+        context: &[i64],
+        continuations: &[Vec<i64>],
+    ) -> Result<Vec<(Vec<f64>, bool)>, PolicyError> {
+        if let Some(row) = continuations.iter().position(Vec::is_empty) {
+            return Err(PolicyError::EmptyPrompt { row });
+        }
+        let k = continuations.iter().map(Vec::len).max().unwrap_or(0);
+        let n = continuations.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let one = self.prefill(&[context.to_vec()], k)?;
+        let mut rows = one.select(&vec![0; n], k);
+        let (b, t) = (n as i64, k as i64);
+        let device = self.device();
+        let (mut ids, mut valid, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        for c in continuations {
+            for j in 0..k {
+                let real = j < c.len();
+                ids.push(if real { c[j] } else { self.tokenizer.pad_id() });
+                valid.push(real as i64);
+                positions.push((context.len() + j.min(c.len() - 1)) as i64);
+            }
+        }
+        let on = |v: &[i64]| Tensor::from_slice(v).view([b, t]).to_device(device);
+        tch::no_grad(|| {
+            let hidden = self.model.forward(
+                &on(&ids),
+                &on(&positions),
+                &on(&valid),
+                Some(&mut rows.cache),
+            );
+            // The context's last logits predict each continuation's first
+            // token; position j's predict token j + 1.
+            let first = one
+                .logits
+                .to_kind(Kind::Float)
+                .unsqueeze(1)
+                .expand([b, 1, -1], false);
+            let logits = if k > 1 {
+                let rest = self.model.logits(&hidden.narrow(1, 0, t - 1));
+                Tensor::cat(&[first, rest.to_kind(Kind::Float)], 1)
+            } else {
+                first
+            };
+            let logp = logits.log_softmax(-1, Kind::Float);
+            let labels = on(&ids);
+            let tok = logp.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1);
+            let top = logp.argmax(-1, false).eq_tensor(&labels);
+            let lp = Vec::<Vec<f64>>::try_from(tok.to_kind(Kind::Double)).expect("[B, k]");
+            let top = Vec::<Vec<bool>>::try_from(top.to_kind(Kind::Bool)).expect("[B, k]");
+            Ok(lp
+                .into_iter()
+                .zip(top)
+                .zip(continuations)
+                .map(|((lp, top), c)| (lp[..c.len()].to_vec(), top[..c.len()].iter().all(|&g| g)))
+                .collect())
+        })
+    }
+
     fn check_length(&self, longest: usize, new: usize) -> Result<(), PolicyError> {
         let context = self.model.cfg.max_position_embeddings;
         if (longest + new) as i64 > context {

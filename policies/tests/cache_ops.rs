@@ -172,3 +172,36 @@ fn an_empty_prompt_is_an_error_not_a_panic() {
         .unwrap_err();
     assert!(err.to_string().contains("prompt 1 is empty"), "{err}");
 }
+
+/// Scoring continuations of one shared context from its cached row gives the
+/// log-probs (and greedy flags) of scoring each full sequence from scratch.
+#[test]
+fn continuations_scored_from_a_cached_context_match_full_sequences() {
+    let policy = tiny();
+    let context: Vec<i64> = vec![5, 9, 11, 7, 13, 6];
+    let continuations: Vec<Vec<i64>> = vec![vec![8], vec![10, 12, 14], vec![16, 5], vec![7]];
+    let cached = policy
+        .continuation_logprobs(&context, &continuations)
+        .unwrap();
+    let seqs: Vec<Vec<i64>> = continuations
+        .iter()
+        .map(|c| context.iter().chain(c).copied().collect())
+        .collect();
+    let tails: Vec<usize> = continuations.iter().map(Vec::len).collect();
+    let full = policy.tail_logprobs(&seqs, &tails).unwrap();
+    assert_eq!(cached.len(), full.len());
+    for (k, ((a, ga), (b, gb))) in cached.iter().zip(&full).enumerate() {
+        assert_eq!(a.len(), b.len(), "continuation {k}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-4, "continuation {k}: {x} vs {y}");
+        }
+        assert_eq!(ga, gb, "continuation {k}: greedy flag");
+    }
+    // The greedy continuation is flagged as such.
+    let rows = policy.prefill(std::slice::from_ref(&context), 0).unwrap();
+    let top = rows.logits(0).argmax(-1, false).int64_value(&[]);
+    let r = policy
+        .continuation_logprobs(&context, &[vec![top]])
+        .unwrap();
+    assert!(r[0].1, "the argmax token is the greedy continuation");
+}

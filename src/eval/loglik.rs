@@ -96,19 +96,18 @@ pub fn encode_pairs(
 }
 
 /// Summed log-probability of each continuation and whether it is greedy.
+/// The context runs through the model once, its cached row shared by the
+/// options (a test checks this equals scoring each full sequence).
 pub fn option_logliks(
     policy: &Policy,
     context: &str,
     continuations: &[String],
 ) -> Result<Vec<(f64, bool)>> {
     let pairs = encode_pairs(policy, context, continuations)?;
-    let seqs: Vec<Vec<i64>> = pairs
-        .iter()
-        .map(|(c, k)| c.iter().chain(k).copied().collect())
-        .collect();
-    let tails: Vec<usize> = pairs.iter().map(|(_, k)| k.len()).collect();
+    let ctx = pairs.first().map(|(c, _)| c.clone()).unwrap_or_default();
+    let conts: Vec<Vec<i64>> = pairs.into_iter().map(|(_, k)| k).collect();
     Ok(policy
-        .tail_logprobs(&seqs, &tails)?
+        .continuation_logprobs(&ctx, &conts)?
         .into_iter()
         .map(|(lp, greedy)| (lp.iter().sum(), greedy))
         .collect())
