@@ -769,6 +769,55 @@ impl PromptTemplate {
     }
 }
 
+/// How prompts are rendered (`student.template`, `--template`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateChoice {
+    /// The model folder's own chat template when it has one, else plain.
+    #[default]
+    Auto,
+    /// The question, then a blank line.
+    Plain,
+    /// ChatML's user turn (Qwen2's, without its default system turn).
+    ChatMl,
+    /// The model folder's own chat template (`chat_template.jinja` or
+    /// `chat_template` in `tokenizer_config.json`), as transformers renders it.
+    Model,
+}
+
+/// `template = "model"` for a folder without a chat template.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "template \"model\": the model folder has no chat template (chat_template.jinja, or \
+     chat_template in tokenizer_config.json); use \"plain\" or \"chat_ml\""
+)]
+pub struct NoChatTemplate;
+
+impl TemplateChoice {
+    /// The template for a model with chat template `own` (its folder's).
+    pub fn resolve(
+        self,
+        own: Option<&Arc<ChatTemplate>>,
+    ) -> Result<PromptTemplate, NoChatTemplate> {
+        Ok(match self {
+            TemplateChoice::Plain => PromptTemplate::Plain,
+            TemplateChoice::ChatMl => PromptTemplate::ChatMl,
+            TemplateChoice::Auto => {
+                own.map_or(PromptTemplate::Plain, |t| PromptTemplate::Model(t.clone()))
+            }
+            TemplateChoice::Model => PromptTemplate::Model(own.ok_or(NoChatTemplate)?.clone()),
+        })
+    }
+}
+
+impl std::str::FromStr for TemplateChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(Value::String(s.to_string()))
+            .map_err(|_| format!("unknown template {s:?}; known: auto, plain, chat_ml, model"))
+    }
+}
+
 impl Tokenizer {
     /// The token that ends an assistant turn under `template` (`<|im_end|>`
     /// for ChatML), or EOS when the vocabulary lacks it: what completions are

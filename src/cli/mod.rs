@@ -260,9 +260,9 @@ fn template(
     name: &str,
     tokenizer: &medzero_policies::tokenizer::Tokenizer,
 ) -> Result<medzero_policies::tokenizer::PromptTemplate> {
-    let choice: crate::experiment::config::TemplateChoice = name
+    let choice: medzero_policies::tokenizer::TemplateChoice = name
         .parse()
-        .map_err(|e: anyhow::Error| anyhow::anyhow!("--template: {e}"))?;
+        .map_err(|e: String| anyhow::anyhow!("--template: {e}"))?;
     choice
         .resolve(tokenizer.chat_template())
         .map_err(|e| anyhow::anyhow!("--template: {e}"))

@@ -10,13 +10,11 @@ use crate::teacher::TeacherConfig;
 use anyhow::{Context, Result, anyhow, bail};
 use medzero_envs::synthclinic::SynthConfig;
 use medzero_policies::DecoderConfig;
-use medzero_policies::chat_template::ChatTemplate;
 use medzero_policies::device::DeviceSpec;
 use medzero_policies::llama::{Arch, DType};
-use medzero_policies::tokenizer::PromptTemplate;
+use medzero_policies::tokenizer::TemplateChoice;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// The default experiment of `medzero run` and `make run`.
 pub const QUICKSTART: &str = include_str!("../../experiments/quickstart.toml");
@@ -33,52 +31,6 @@ pub struct Config {
     pub teacher: TeacherConfig,
     pub student: StudentConfig,
     pub stages: Vec<StageSpec>,
-}
-
-/// How prompts are rendered for the student (`student.template`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TemplateChoice {
-    /// The model folder's own chat template when it has one, else plain.
-    #[default]
-    Auto,
-    /// The question, then a blank line.
-    Plain,
-    /// ChatML's user turn (Qwen2's, without its default system turn).
-    ChatMl,
-    /// The model folder's own chat template (`chat_template.jinja` or
-    /// `chat_template` in `tokenizer_config.json`), as transformers renders it.
-    Model,
-}
-
-impl TemplateChoice {
-    /// The template for a model with chat template `own` (its folder's).
-    pub fn resolve(self, own: Option<&Arc<ChatTemplate>>) -> Result<PromptTemplate> {
-        Ok(match self {
-            TemplateChoice::Plain => PromptTemplate::Plain,
-            TemplateChoice::ChatMl => PromptTemplate::ChatMl,
-            TemplateChoice::Auto => {
-                own.map_or(PromptTemplate::Plain, |t| PromptTemplate::Model(t.clone()))
-            }
-            TemplateChoice::Model => match own {
-                Some(t) => PromptTemplate::Model(t.clone()),
-                None => bail!(
-                    "template \"model\": the model folder has no chat template \
-                     (chat_template.jinja, or chat_template in tokenizer_config.json); use \
-                     \"plain\" or \"chat_ml\""
-                ),
-            },
-        })
-    }
-}
-
-impl std::str::FromStr for TemplateChoice {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
-            anyhow::anyhow!("unknown template {s:?}; known: auto, plain, chat_ml, model")
-        })
-    }
 }
 
 /// The base student: a fresh Llama-family decoder with SynthClinic's

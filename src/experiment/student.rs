@@ -19,7 +19,7 @@ pub fn student_template(cfg: &Config) -> Result<PromptTemplate> {
         let path = Path::new(&cfg.student.from).join("tokenizer.json");
         Tokenizer::from_file(&path)?.chat_template().cloned()
     };
-    cfg.student.template.resolve(own.as_ref())
+    Ok(cfg.student.template.resolve(own.as_ref())?)
 }
 
 pub fn base_student(cfg: &Config, world: &SynthClinic, device: tch::Device) -> Result<Policy> {

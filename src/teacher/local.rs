@@ -2,11 +2,10 @@
 //! used) as the teacher: e.g. a bigger model trained earlier.
 
 use super::{Teacher, TeacherError, Verdict};
-use crate::experiment::config::TemplateChoice;
 use crate::infra::{FNV_OFFSET, fnv1a64};
 use anyhow::{Context, Result};
 use medzero_envs::{Problem, Step, response_steps, verify};
-use medzero_policies::tokenizer::PromptTemplate;
+use medzero_policies::tokenizer::{PromptTemplate, TemplateChoice};
 use medzero_policies::{Policy, SamplingParams};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
