@@ -54,6 +54,8 @@ impl Message {
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     source: String,
+    /// The source parsed once, configured as transformers configures Jinja.
+    env: Environment<'static>,
     /// Where the source came from, for errors.
     origin: String,
     /// `bos_token`, `eos_token`, ... by name, as the template sees them.
@@ -124,17 +126,18 @@ impl ChatTemplate {
         origin: &str,
         specials: BTreeMap<String, String>,
     ) -> Result<ChatTemplate, ChatTemplateError> {
+        let env = environment(source).map_err(|e| ChatTemplateError::Syntax {
+            origin: origin.to_string(),
+            message: describe(&e),
+        })?;
         let mut t = ChatTemplate {
             source: source.to_string(),
+            env,
             origin: origin.to_string(),
             specials,
             user: Default::default(),
             system_user: Default::default(),
         };
-        environment(&t.source).map_err(|e| ChatTemplateError::Syntax {
-            origin: t.origin.clone(),
-            message: describe(&e),
-        })?;
         let whole = t.apply(&[Message::new("user", SENTINEL)], true)?;
         t.user = t.cut2(&whole)?;
         let whole = t.apply(
@@ -160,11 +163,7 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
-        let env = environment(&self.source).map_err(|e| ChatTemplateError::Syntax {
-            origin: self.origin.clone(),
-            message: describe(&e),
-        })?;
-        let template = env.get_template("chat").expect("added above");
+        let template = self.env.get_template("chat").expect("added at load");
         let mut ctx: BTreeMap<String, Value> = self
             .specials
             .iter()

@@ -231,49 +231,12 @@ impl Policy {
         (tok * m).sum_dim_intlist(1, false, Kind::Float)
     }
 
-    /// log p(token | the tokens before it) for the last `tail[b]` tokens of
-    /// each sequence `seqs[b]`, in order, and whether each of those tokens is
-    /// the argmax there (the tail is the greedy continuation): how an option
-    /// or a reference answer is scored. Rows are left-padded so every tail
-    /// ends at the last position, and the LM head runs on tail positions only.
-    pub fn tail_logprobs(
-        &self,
-        seqs: &[Vec<i64>],
-        tail: &[usize],
-    ) -> Result<Vec<(Vec<f64>, bool)>, PolicyError> {
-        assert_eq!(seqs.len(), tail.len(), "one tail length per sequence");
-        if let Some(row) = (0..seqs.len()).find(|&b| tail[b] == 0 || tail[b] >= seqs[b].len()) {
-            return Err(PolicyError::EmptyPrompt { row });
-        }
-        self.check_length(seqs.iter().map(Vec::len).max().unwrap_or(0), 0)?;
-        let k = *tail.iter().max().unwrap_or(&0) as i64;
-        tch::no_grad(|| {
-            let (ids, mask) = pad_left(seqs, self.tokenizer.pad_id());
-            let t = ids.size()[1];
-            // Positions t-1-k .. t-2 predict the last k tokens.
-            let hidden = self.hidden(&ids, &mask).narrow(1, t - 1 - k, k);
-            let logp = self.model.logits(&hidden).log_softmax(-1, Kind::Float);
-            let labels = ids.narrow(1, t - k, k).to_device(logp.device());
-            let tok = logp.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1);
-            let top = logp.argmax(-1, false).eq_tensor(&labels);
-            let lp = Vec::<Vec<f64>>::try_from(tok.to_kind(Kind::Double)).expect("[B, k]");
-            let top = Vec::<Vec<bool>>::try_from(top.to_kind(Kind::Bool)).expect("[B, k]");
-            Ok(lp
-                .into_iter()
-                .zip(top)
-                .zip(tail)
-                .map(|((lp, top), &n)| {
-                    let from = lp.len() - n;
-                    (lp[from..].to_vec(), top[from..].iter().all(|&g| g))
-                })
-                .collect())
-        })
-    }
-
-    /// As [`Self::tail_logprobs`] for the sequences `context + c` of each
-    /// continuation `c`, with the context run once: its cached row is
-    /// copied per continuation and only the continuations go through the
-    /// model (a multiple-choice question's options share a long prompt).
+    /// log p(token | the tokens before it) for each token of each
+    /// continuation of `context`, and whether every one of them is the
+    /// argmax there (the continuation is the greedy one): how an option or
+    /// a reference answer is scored. The context runs once; its cached row
+    /// is copied per continuation and only the continuations' tokens but the
+    /// last go through the model (the context's logits predict the first).
     pub fn continuation_logprobs(
         &self,
         context: &[i64],
@@ -282,47 +245,49 @@ impl Policy {
         if let Some(row) = continuations.iter().position(Vec::is_empty) {
             return Err(PolicyError::EmptyPrompt { row });
         }
-        let k = continuations.iter().map(Vec::len).max().unwrap_or(0);
         let n = continuations.len();
         if n == 0 {
             return Ok(Vec::new());
         }
+        let k = continuations.iter().map(Vec::len).max().unwrap_or(0);
         let one = self.prefill(&[context.to_vec()], k)?;
-        let mut rows = one.select(&vec![0; n], k);
         let (b, t) = (n as i64, k as i64);
         let device = self.device();
-        let (mut ids, mut valid, mut positions) = (Vec::new(), Vec::new(), Vec::new());
-        for c in continuations {
-            for j in 0..k {
-                let real = j < c.len();
-                ids.push(if real { c[j] } else { self.tokenizer.pad_id() });
-                valid.push(real as i64);
-                positions.push((context.len() + j.min(c.len() - 1)) as i64);
-            }
-        }
-        let on = |v: &[i64]| Tensor::from_slice(v).view([b, t]).to_device(device);
+        let pad = self.tokenizer.pad_id();
+        let labels: Vec<i64> = continuations
+            .iter()
+            .flat_map(|c| (0..k).map(move |j| c.get(j).copied().unwrap_or(pad)))
+            .collect();
+        let labels = Tensor::from_slice(&labels).view([b, t]).to_device(device);
         tch::no_grad(|| {
-            let hidden = self.model.forward(
-                &on(&ids),
-                &on(&positions),
-                &on(&valid),
-                Some(&mut rows.cache),
-            );
-            // The context's last logits predict each continuation's first
-            // token; position j's predict token j + 1.
             let first = one
                 .logits
                 .to_kind(Kind::Float)
                 .unsqueeze(1)
                 .expand([b, 1, -1], false);
             let logits = if k > 1 {
-                let rest = self.model.logits(&hidden.narrow(1, 0, t - 1));
-                Tensor::cat(&[first, rest.to_kind(Kind::Float)], 1)
+                // Tokens 0..k-2 of each continuation; position j predicts j + 1.
+                let mut rows = one.select(&vec![0; n], k - 1);
+                let (mut valid, mut positions) = (Vec::new(), Vec::new());
+                for c in continuations {
+                    for j in 0..k - 1 {
+                        valid.push(i64::from(j + 1 < c.len()));
+                        positions.push((context.len() + j.min(c.len().saturating_sub(2))) as i64);
+                    }
+                }
+                let on = |v: &[i64]| Tensor::from_slice(v).view([b, t - 1]).to_device(device);
+                let hidden = self.model.forward(
+                    &labels.narrow(1, 0, t - 1),
+                    &on(&positions),
+                    &on(&valid),
+                    Some(&mut rows.cache),
+                );
+                let rest = self.model.logits(&hidden).to_kind(Kind::Float);
+                Tensor::cat(&[first, rest], 1)
             } else {
                 first
             };
             let logp = logits.log_softmax(-1, Kind::Float);
-            let labels = on(&ids);
             let tok = logp.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1);
             let top = logp.argmax(-1, false).eq_tensor(&labels);
             let lp = Vec::<Vec<f64>>::try_from(tok.to_kind(Kind::Double)).expect("[B, k]");
@@ -331,7 +296,10 @@ impl Policy {
                 .into_iter()
                 .zip(top)
                 .zip(continuations)
-                .map(|((lp, top), c)| (lp[..c.len()].to_vec(), top[..c.len()].iter().all(|&g| g)))
+                .map(|((lp, top), c)| {
+                    let n = c.len();
+                    (lp[..n].to_vec(), top[..n].iter().all(|&g| g))
+                })
                 .collect())
         })
     }

@@ -183,12 +183,10 @@ fn continuations_scored_from_a_cached_context_match_full_sequences() {
     let cached = policy
         .continuation_logprobs(&context, &continuations)
         .unwrap();
-    let seqs: Vec<Vec<i64>> = continuations
+    let full: Vec<(Vec<f64>, bool)> = continuations
         .iter()
-        .map(|c| context.iter().chain(c).copied().collect())
+        .map(|c| full_sequence_logprobs(&policy, &context, c))
         .collect();
-    let tails: Vec<usize> = continuations.iter().map(Vec::len).collect();
-    let full = policy.tail_logprobs(&seqs, &tails).unwrap();
     assert_eq!(cached.len(), full.len());
     for (k, ((a, ga), (b, gb))) in cached.iter().zip(&full).enumerate() {
         assert_eq!(a.len(), b.len(), "continuation {k}");
@@ -204,4 +202,23 @@ fn continuations_scored_from_a_cached_context_match_full_sequences() {
         .continuation_logprobs(&context, &[vec![top]])
         .unwrap();
     assert!(r[0].1, "the argmax token is the greedy continuation");
+}
+
+/// The plain path: the whole sequence `context + c` through the model, no
+/// cache; the log-prob of each of `c`'s tokens and whether all are argmax.
+fn full_sequence_logprobs(policy: &Policy, context: &[i64], c: &[i64]) -> (Vec<f64>, bool) {
+    let seq: Vec<i64> = context.iter().chain(c).copied().collect();
+    let ids = tch::Tensor::from_slice(&seq).unsqueeze(0);
+    let logp = policy
+        .logits(&ids, &ids.ones_like())
+        .get(0)
+        .log_softmax(-1, tch::Kind::Float);
+    let mut out = Vec::new();
+    let mut greedy = true;
+    for (j, &token) in c.iter().enumerate() {
+        let row = logp.get((context.len() + j - 1) as i64);
+        out.push(row.double_value(&[token]));
+        greedy &= row.argmax(-1, false).int64_value(&[]) == token;
+    }
+    (out, greedy)
 }
