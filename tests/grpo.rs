@@ -92,6 +92,75 @@ struct Step {
     out: grpo::GrpoLoss,
 }
 
+/// Each completion's advantage on every one of its tokens.
+fn per_token(completions: &[Vec<i64>], adv: &[f32]) -> Vec<Vec<f32>> {
+    completions
+        .iter()
+        .zip(adv)
+        .map(|(c, &a)| vec![a; c.len()])
+        .collect()
+}
+
+/// The batch as samples (completion i answers prompt i / 4), with the
+/// recorded log-probs `old` (none: empty) and completions not ending in
+/// `masked_without` left out.
+fn samples<'a>(
+    prompts: &'a [Vec<i64>],
+    completions: &'a [Vec<i64>],
+    adv: &'a [Vec<f32>],
+    old: &'a [Vec<f32>],
+    masked_without: Option<i64>,
+) -> Vec<Sample<'a>> {
+    completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Sample {
+            prompt: &prompts[i / 4],
+            completion: c,
+            advantages: &adv[i],
+            old_logprobs: old.get(i).map_or(&[], Vec::as_slice),
+            masked: masked_without.is_some_and(|eos| c.last() != Some(&eos)),
+        })
+        .collect()
+}
+
+/// AdamW at the test's learning rate, TRL's betas and no weight decay.
+fn adamw(policy: &Policy) -> AdamW {
+    let adam = AdamWConfig {
+        lr: LR,
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
+    AdamW::new(policy.named_parameters(), adam, AdamW::default_decay).unwrap()
+}
+
+/// The policy (saved as `model`) and a reference unlike it (as `ref`), so
+/// the KL term and its gradient are not zero.
+fn policy_and_reference(dir: &Path) -> (Policy, Policy) {
+    let policy = support::tiny_policy(WORDS, 3);
+    policy.save(&dir.join("model")).unwrap();
+    let reference = support::tiny_policy(WORDS, 4);
+    reference.save(&dir.join("ref")).unwrap();
+    (policy, reference)
+}
+
+/// The trainer settings every comparison shares (the test's learning rate,
+/// constant, no weight decay, clipping at 1, temperature 1), with `own`.
+fn trl_config(own: serde_json::Value) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "learning_rate": LR,
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_completion_length": 8,
+        "temperature": 1.0,
+    });
+    for (k, v) in own.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    config
+}
+
 fn medzero_step(
     policy: &Policy,
     reference: Option<&Policy>,
@@ -101,28 +170,10 @@ fn medzero_step(
     cfg: &GrpoConfig,
 ) -> Step {
     let eos = policy.tokenizer.eos_id();
-    let per_token: Vec<Vec<f32>> = completions
-        .iter()
-        .zip(adv)
-        .map(|(c, &a)| vec![a; c.len()])
-        .collect();
-    let samples: Vec<Sample> = completions
-        .iter()
-        .enumerate()
-        .map(|(i, c)| Sample {
-            prompt: &prompts[i / 4],
-            completion: c,
-            advantages: &per_token[i],
-            old_logprobs: &[],
-            masked: cfg.mask_truncated_completions && c.last() != Some(&eos),
-        })
-        .collect();
-    let adam = AdamWConfig {
-        lr: LR,
-        weight_decay: 0.0,
-        ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(policy.named_parameters(), adam, AdamW::default_decay).unwrap();
+    let adv = per_token(completions, adv);
+    let masked = cfg.mask_truncated_completions.then_some(eos);
+    let samples = samples(prompts, completions, &adv, &[], masked);
+    let mut opt = adamw(policy);
     let out = grpo::loss(policy, reference, &samples, cfg, 8).unwrap();
     let loss = out.loss.double_value(&[]);
     out.loss.backward();
@@ -220,7 +271,7 @@ fn one_step_matches_trl_grpo_trainer() {
         let mut spec = serde_json::json!({
             "model_dir": tmp.path().join("model"),
             "trainer": "grpo",
-            "config": {
+            "config": trl_config(serde_json::json!({
                 "loss_type": trl_loss,
                 "scale_rewards": trl_scale,
                 "beta": c.beta,
@@ -228,13 +279,7 @@ fn one_step_matches_trl_grpo_trainer() {
                 "importance_sampling_level": trl_level,
                 "mask_truncated_completions": c.mask_truncated,
                 "epsilon": 0.2,
-                "learning_rate": LR,
-                "lr_scheduler_type": "constant",
-                "weight_decay": 0.0,
-                "max_grad_norm": 1.0,
-                "max_completion_length": 8,
-                "temperature": 1.0,
-            },
+            })),
             "prompts": prompts,
             "completions": completions,
             "rewards": rewards,
@@ -302,31 +347,24 @@ fn one_step_matches_trl_grpo_trainer() {
 
 /// RLOO against TRL 1.16's RLOOTrainer: one step on the same checkpoint,
 /// prompts, completions and rewards, without and with the KL in the reward
-/// (to a reference unlike the policy).
+/// (to a reference unlike the policy), and with the advantages standardised
+/// over the batch.
 #[test]
 fn one_step_matches_trl_rloo_trainer() {
-    for beta in [0.0, 0.05] {
+    for (beta, normalize) in [(0.0, false), (0.05, false), (0.05, true)] {
+        let what = format!("beta {beta}, normalize_advantages {normalize}");
         let tmp = tempfile::tempdir().unwrap();
-        let policy = support::tiny_policy(WORDS, 3);
+        let (policy, reference) = policy_and_reference(tmp.path());
         let eos = policy.tokenizer.eos_id();
-        policy.save(&tmp.path().join("model")).unwrap();
-        let reference = support::tiny_policy(WORDS, 4);
-        reference.save(&tmp.path().join("ref")).unwrap();
         let (prompts, completions, rewards) = batch(eos);
         let mut spec = serde_json::json!({
             "model_dir": tmp.path().join("model"),
             "trainer": "rloo",
-            "config": {
+            "config": trl_config(serde_json::json!({
                 "beta": beta,
                 "epsilon": 0.2,
-                "normalize_advantages": false,
-                "learning_rate": LR,
-                "lr_scheduler_type": "constant",
-                "weight_decay": 0.0,
-                "max_grad_norm": 1.0,
-                "max_completion_length": 8,
-                "temperature": 1.0,
-            },
+                "normalize_advantages": normalize,
+            })),
             "prompts": prompts,
             "completions": completions,
             "rewards": rewards,
@@ -342,6 +380,7 @@ fn one_step_matches_trl_rloo_trainer() {
         // The sampling policy's log-probs are the policy's own (one step,
         // on-policy): Σ_t ℓ_old per completion.
         let mut adv = Vec::new();
+        let mut kl_sum = 0.0;
         for (p, group) in prompts.iter().zip(completions.chunks(4)) {
             let refs: Vec<&[i64]> = group.iter().map(Vec::as_slice).collect();
             let old: Vec<Vec<f32>> = group
@@ -350,37 +389,32 @@ fn one_step_matches_trl_rloo_trainer() {
                 .collect();
             let old: Vec<&[f32]> = old.iter().map(Vec::as_slice).collect();
             let kl = rloo_actor::sequence_kl(&reference, p, &refs, &old).unwrap();
+            kl_sum += kl.iter().map(|&k| k as f64).sum::<f64>();
             let r = &rewards[adv.len()..adv.len() + 4];
             adv.extend(rloo_actor::advantages(r, &kl, beta));
+        }
+        if normalize {
+            adv = rloo::normalized(&adv);
         }
         for (a, b) in adv.iter().zip(floats(&trl["advantages"])) {
             assert!(
                 (*a as f64 - b).abs() < 1e-5,
-                "beta {beta}: advantage {a} vs TRL {b}"
+                "{what}: advantage {a} vs TRL {b}"
             );
         }
-        let per_token: Vec<Vec<f32>> = completions
-            .iter()
-            .zip(&adv)
-            .map(|(c, &a)| vec![a; c.len()])
-            .collect();
-        let samples: Vec<Sample> = completions
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Sample {
-                prompt: &prompts[i / 4],
-                completion: c,
-                advantages: &per_token[i],
-                old_logprobs: &[],
-                masked: false,
-            })
-            .collect();
-        let adam = AdamWConfig {
-            lr: LR,
-            weight_decay: 0.0,
-            ..AdamWConfig::default()
-        };
-        let mut opt = AdamW::new(policy.named_parameters(), adam, AdamW::default_decay).unwrap();
+        if beta > 0.0 {
+            // The learner's `kl` metric: the actors' summed KLs per completion token.
+            let tokens: usize = completions.iter().map(Vec::len).sum();
+            let theirs = trl["kl"].as_f64().expect("TRL logged no kl");
+            let ours = kl_sum / tokens as f64;
+            assert!(
+                (ours - theirs).abs() < 1e-5,
+                "{what}: kl {ours} vs TRL {theirs}"
+            );
+        }
+        let adv = per_token(&completions, &adv);
+        let samples = samples(&prompts, &completions, &adv, &[], None);
+        let mut opt = adamw(&policy);
         let out = rloo::loss(
             &policy,
             &samples,
@@ -400,15 +434,203 @@ fn one_step_matches_trl_rloo_trainer() {
                 .unwrap_or_else(|| panic!("TRL logged no {name}"));
             assert!(
                 (ours - theirs).abs() < tol * theirs.abs().max(1.0),
-                "beta {beta}: {name} {ours} vs TRL {theirs}"
+                "{what}: {name} {ours} vs TRL {theirs}"
             );
         };
         close("loss", loss, 1e-5);
         close("grad_norm", norm, 1e-4);
         close("entropy", out.entropy, 1e-5);
         close("clip_ratio/region_mean", out.clip_region, 1e-6);
-        assert_params_match(&policy, &trl, &format!("beta {beta}"));
+        assert_params_match(&policy, &trl, &what);
     }
+}
+
+/// The policy's log-prob of each token of `completion` after `prompt`.
+fn token_logps(policy: &Policy, prompt: &[i64], completion: &[i64]) -> Vec<f32> {
+    let ids: Vec<i64> = [prompt, completion].concat();
+    let n = ids.len() as i64;
+    let t = tch::Tensor::from_slice(&ids).view([1, n]);
+    let mask = tch::Tensor::ones([1, n], (tch::Kind::Int64, tch::Device::Cpu));
+    let logp = tch::no_grad(|| {
+        policy
+            .logits(&t, &mask)
+            .log_softmax(-1, tch::Kind::Float)
+            .narrow(1, prompt.len() as i64 - 1, completion.len() as i64)
+            .gather(
+                2,
+                &tch::Tensor::from_slice(completion).view([1, -1, 1]),
+                false,
+            )
+            .flatten(0, -1)
+    });
+    Vec::<f32>::try_from(&logp).unwrap()
+}
+
+/// TRL's `num_iterations` (μ): the learner takes μ optimizer steps on one
+/// batch, every one against the log-probs recorded when it was sampled, so
+/// from the second step on the ratio moves off 1 and clipping bites (a small
+/// epsilon makes sure it does). Each step's loss, grad norm and clip ratios,
+/// and the parameters after the last, must equal TRL's, for GRPO (two loss
+/// types, with and without the KL term) and RLOO.
+#[test]
+fn several_iterations_per_batch_match_trl() {
+    struct Iter {
+        trainer: &'static str,
+        loss_type: LossType,
+        beta: f64,
+        mu: usize,
+    }
+    let cases = [
+        Iter {
+            trainer: "grpo",
+            loss_type: LossType::Dapo,
+            beta: 0.0,
+            mu: 2,
+        },
+        Iter {
+            trainer: "grpo",
+            loss_type: LossType::Grpo,
+            beta: 0.04,
+            mu: 3,
+        },
+        Iter {
+            trainer: "rloo",
+            loss_type: LossType::Dapo,
+            beta: 0.05,
+            mu: 2,
+        },
+    ];
+    let epsilon = 0.002;
+    let mut clipped = 0.0;
+    for c in cases {
+        let what = format!(
+            "{} {:?}, beta {}, num_iterations {}",
+            c.trainer, c.loss_type, c.beta, c.mu
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let (policy, reference) = policy_and_reference(tmp.path());
+        let eos = policy.tokenizer.eos_id();
+        let (prompts, completions, rewards) = batch(eos);
+        let mut config = trl_config(serde_json::json!({
+            "beta": c.beta,
+            "epsilon": epsilon,
+            "num_iterations": c.mu,
+        }));
+        if c.trainer == "grpo" {
+            config["loss_type"] = serde_json::json!(match c.loss_type {
+                LossType::Grpo => "grpo",
+                _ => "dapo",
+            });
+        } else {
+            config["normalize_advantages"] = serde_json::json!(false);
+        }
+        let mut spec = serde_json::json!({
+            "model_dir": tmp.path().join("model"),
+            "trainer": c.trainer,
+            "config": config,
+            "prompts": prompts,
+            "completions": completions,
+            "rewards": rewards,
+            "eos_token_id": eos,
+            "num_steps": c.mu,
+            "shuffle_batch": false,
+            "dump_token_level": false,
+        });
+        if c.beta > 0.0 {
+            spec["ref_model_dir"] = serde_json::json!(tmp.path().join("ref"));
+        }
+        let trl = peer(tmp.path(), &spec);
+
+        // What the actors record when they sample: each token's log-prob
+        // under the policy before any step.
+        let old: Vec<Vec<f32>> = completions
+            .iter()
+            .enumerate()
+            .map(|(i, comp)| token_logps(&policy, &prompts[i / 4], comp))
+            .collect();
+        let adv: Vec<f32> = if c.trainer == "grpo" {
+            rewards
+                .chunks(4)
+                .flat_map(|g| normalise(g, ScaleRewards::Group))
+                .collect()
+        } else {
+            let mut adv = Vec::new();
+            for (g, (p, group)) in prompts.iter().zip(completions.chunks(4)).enumerate() {
+                let refs: Vec<&[i64]> = group.iter().map(Vec::as_slice).collect();
+                let sums: Vec<Vec<f32>> = old[g * 4..g * 4 + 4]
+                    .iter()
+                    .map(|o| vec![o.iter().sum()])
+                    .collect();
+                let sums: Vec<&[f32]> = sums.iter().map(Vec::as_slice).collect();
+                let kl = rloo_actor::sequence_kl(&reference, p, &refs, &sums).unwrap();
+                adv.extend(rloo_actor::advantages(
+                    &rewards[g * 4..g * 4 + 4],
+                    &kl,
+                    c.beta,
+                ));
+            }
+            adv
+        };
+        let adv = per_token(&completions, &adv);
+        let samples = samples(&prompts, &completions, &adv, &old, None);
+        let mut opt = adamw(&policy);
+        let grpo_cfg = GrpoConfig {
+            loss_type: c.loss_type,
+            epsilon,
+            beta: c.beta,
+            num_iterations: c.mu,
+            ..GrpoConfig::default()
+        };
+        let rloo_cfg = RlooConfig {
+            epsilon,
+            beta: c.beta,
+            num_iterations: c.mu,
+            ..RlooConfig::default()
+        };
+        let steps = trl["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), c.mu, "{what}: TRL took {} steps", steps.len());
+        for (k, theirs) in steps.iter().enumerate() {
+            let (loss, clip_region) = if c.trainer == "grpo" {
+                let out = grpo::loss(&policy, Some(&reference), &samples, &grpo_cfg, 8).unwrap();
+                (out.loss, out.clip_region)
+            } else {
+                let out = rloo::loss(&policy, &samples, &rloo_cfg).unwrap();
+                (out.loss, out.clip_region)
+            };
+            let value = loss.double_value(&[]);
+            loss.backward();
+            let norm = opt.clip_grad_norm(1.0);
+            opt.step(LR);
+            opt.zero_grad();
+            let logged = &theirs["logged"];
+            let close = |name: &str, ours: f64, theirs: f64, tol: f64| {
+                assert!(
+                    (ours - theirs).abs() < tol * theirs.abs().max(1.0),
+                    "{what}, step {}: {name} {ours} vs TRL {theirs}",
+                    k + 1
+                );
+            };
+            close("loss", value, theirs["loss"].as_f64().unwrap(), 1e-5);
+            close(
+                "grad_norm",
+                norm,
+                logged["grad_norm"].as_f64().unwrap(),
+                1e-4,
+            );
+            close(
+                "clip_ratio/region_mean",
+                clip_region,
+                logged["clip_ratio/region_mean"].as_f64().unwrap(),
+                1e-6,
+            );
+            clipped += clip_region;
+        }
+        assert_params_match(&policy, &trl, &what);
+    }
+    assert!(
+        clipped > 0.0,
+        "no step clipped a ratio: the old log-probs were never tested"
+    );
 }
 
 /// Σ over `completion` of the policy's log-prob of each token after `prompt`.
@@ -425,7 +647,7 @@ fn policy_logp(policy: &Policy, prompt: &[i64], completion: &[i64]) -> f32 {
 }
 
 /// The `grpo` stage end to end through the CLI on a tiny world, with the KL
-/// term to the frozen init: it trains on every sample of every group,
+/// term to the frozen init and two iterations per batch: it trains on every sample of every group,
 /// changes the weights, the same seed gives the same weights, and a run
 /// killed with SIGKILL mid-stage resumes to exactly those weights.
 #[test]
@@ -455,6 +677,7 @@ temperature = 0.8
 max_new_tokens = 320
 [stages.grpo]
 beta = 0.04
+num_iterations = 2
 [stages.runtime]
 round_size = 2
 [stages.learner]
@@ -473,7 +696,8 @@ lr = 1e-3
         .unwrap();
         assert_eq!(report["trajectories"], 32, "{report}");
         assert_eq!(report["counters"]["trained"], 32, "{report}");
-        assert_eq!(report["steps"], 4, "{report}");
+        // Two optimizer steps on each of the four batches.
+        assert_eq!(report["steps"], 8, "{report}");
         let read =
             |stage: &str| std::fs::read(run.join(stage).join("model/model.safetensors")).unwrap();
         let (before, after) = (read("stages/0-chains"), read("stages/1-grpo"));
@@ -795,6 +1019,7 @@ temperature = 0.8
 max_new_tokens = 320
 [stages.rloo]
 beta = 0.05
+normalize_advantages = true
 [stages.learner]
 batch_size = 8
 lr = 1e-3
@@ -818,6 +1043,13 @@ lr = 1e-3
                 .flatten()
                 .any(|t| t.advantages.iter().any(|&a| a != 0.0)),
             "every advantage is 0: nothing was learned from"
+        );
+        assert!(
+            groups
+                .iter()
+                .flatten()
+                .all(|t| t.meta["kl"].as_f64().is_some()),
+            "a completion does not carry its KL for the learner's metric"
         );
         let read =
             |stage: &str| std::fs::read(run.join(stage).join("model/model.safetensors")).unwrap();

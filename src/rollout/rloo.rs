@@ -3,8 +3,10 @@
 //! in its group (the leave-one-out baseline), with the KL to a frozen
 //! reference taken out of the reward first: r − β·Σ_t (ℓ_old − ℓ_ref), the
 //! first-order estimate summed over the completion, as RLOO's paper does.
-//! TRL's optional `normalize_advantages` (over the whole generation batch)
-//! is not built: an actor holds one group.
+//! TRL's optional `normalize_advantages` works over the whole generation
+//! batch, which an actor does not hold: the learner does it
+//! ([`crate::train::rloo`]). Each completion's summed KL goes with it in
+//! `meta.kl`, for the learner's `kl` metric.
 
 use super::advantage::{Advantage, Copies};
 use anyhow::{Result, bail};
@@ -99,8 +101,15 @@ impl Advantage for LeaveOneOut {
         } else {
             (Vec::new(), 0.0)
         };
-        for (t, a) in group.iter_mut().zip(advantages(&rewards, &kl, beta)) {
+        for (i, (t, a)) in group
+            .iter_mut()
+            .zip(advantages(&rewards, &kl, beta))
+            .enumerate()
+        {
             t.advantages = vec![a; t.tokens.len()];
+            if let Some(&k) = kl.get(i) {
+                t.meta = serde_json::json!({ "kl": k });
+            }
         }
         Ok(())
     }

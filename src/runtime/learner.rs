@@ -176,6 +176,11 @@ pub trait Objective {
     /// The loss of one batch, to be minimised; the learner runs backward,
     /// clipping and the optimizer step.
     fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss>;
+    /// Optimizer steps taken on each batch (TRL's `num_iterations`, μ): the
+    /// batch's recorded log-probs stay the old policy's throughout.
+    fn iterations(&self) -> usize {
+        1
+    }
 }
 
 pub struct ObjectiveLoss {
@@ -515,17 +520,21 @@ impl Learner<'_> {
                 while self.accepted_pending >= self.cfg.batch_size
                     || (remaining == 0 && !self.pending.is_empty())
                 {
+                    let before = self.state.step;
                     if !self.step(false)? {
                         continue;
                     }
-                    if self.state.step.is_multiple_of(self.runtime.publish_every) {
+                    // A batch may take several optimizer steps: act when a
+                    // multiple was crossed.
+                    let crossed = |every: usize| before / every != self.state.step / every;
+                    let (publish, save) = (
+                        crossed(self.runtime.publish_every),
+                        crossed(self.cfg.checkpoint_every.max(1)),
+                    );
+                    if publish {
                         self.publish();
                     }
-                    if self
-                        .state
-                        .step
-                        .is_multiple_of(self.cfg.checkpoint_every.max(1))
-                    {
+                    if save {
                         self.checkpoint()?;
                     }
                 }
@@ -597,10 +606,9 @@ impl Learner<'_> {
         self.checkpoint()
     }
 
-    /// One optimizer step on the next batch of usable trajectories; returns
-    /// false if there were none.
+    /// The objective's optimizer steps on the next batch of usable
+    /// trajectories; returns false if there were none.
     fn step(&mut self, sync: bool) -> Result<bool> {
-        let t0 = Instant::now();
         let mut batch = Vec::with_capacity(self.cfg.batch_size);
         let mut lags = Vec::new();
         while batch.len() < self.cfg.batch_size {
@@ -625,7 +633,20 @@ impl Learner<'_> {
         if batch.is_empty() {
             return Ok(false);
         }
-        let out = self.objective.loss(self.policy, &batch)?;
+        self.counters.trained += batch.len() as u64;
+        self.lags.extend(&lags);
+        let iterations = self.objective.iterations();
+        for i in 1..=iterations {
+            self.optimize(&batch, i == iterations)?;
+        }
+        Ok(true)
+    }
+
+    /// One optimizer step on `batch`, logged; the batch's policy lags are
+    /// logged with each of its steps and cleared after its `last`.
+    fn optimize(&mut self, batch: &[Trajectory], last: bool) -> Result<()> {
+        let t0 = Instant::now();
+        let out = self.objective.loss(self.policy, batch)?;
         out.loss.backward();
         let grad_norm = if self.cfg.max_grad_norm > 0.0 {
             self.opt.clip_grad_norm(self.cfg.max_grad_norm)
@@ -644,8 +665,6 @@ impl Learner<'_> {
         self.opt.zero_grad();
         self.state.step += 1;
         self.state.tokens_seen += out.tokens;
-        self.counters.trained += batch.len() as u64;
-        self.lags.extend(&lags);
 
         let step = self.state.step as u64;
         if self.state.step.is_multiple_of(self.cfg.log_every.max(1)) {
@@ -656,7 +675,11 @@ impl Learner<'_> {
             for (k, v) in &out.metrics {
                 m.scalar(&format!("train/{k}"), step, *v);
             }
-            let lags = std::mem::take(&mut self.lags);
+            let lags = if last {
+                std::mem::take(&mut self.lags)
+            } else {
+                self.lags.clone()
+            };
             let avg = lags.iter().sum::<u64>() as f64 / lags.len().max(1) as f64;
             m.scalar("train/version_diff_avg", step, avg);
             m.scalar(
@@ -675,7 +698,7 @@ impl Learner<'_> {
                 out.tokens as f64 / t0.elapsed().as_secs_f64(),
             );
         }
-        Ok(true)
+        Ok(())
     }
 
     /// A new policy version for the actors: copied under no_grad after the

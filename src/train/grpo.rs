@@ -71,6 +71,9 @@ pub struct GrpoConfig {
     /// all tie has none, and the learner's batch fills with the next
     /// completions instead (DAPO's dynamic sampling).
     pub drop_tied_groups: bool,
+    /// Optimizer steps on each learner batch (TRL's `num_iterations`, μ),
+    /// all against the log-probs recorded when it was sampled.
+    pub num_iterations: usize,
 }
 
 impl Default for GrpoConfig {
@@ -84,12 +87,14 @@ impl Default for GrpoConfig {
             importance_sampling_level: ImportanceLevel::Token,
             mask_truncated_completions: false,
             drop_tied_groups: false,
+            num_iterations: 1,
         }
     }
 }
 
 impl GrpoConfig {
     pub fn validate(&self) -> Result<()> {
+        validate_iterations(self.num_iterations)?;
         validate_clip(self.epsilon, self.epsilon_high, self.beta)
     }
 
@@ -99,6 +104,13 @@ impl GrpoConfig {
             1.0 + self.epsilon_high.unwrap_or(self.epsilon),
         )
     }
+}
+
+pub(crate) fn validate_iterations(n: usize) -> Result<()> {
+    if n == 0 {
+        bail!("num_iterations must be at least 1 (optimizer steps per batch), got 0");
+    }
+    Ok(())
 }
 
 /// The clip range and KL weight every clipped policy-gradient loss has.
@@ -433,6 +445,10 @@ impl Objective for GrpoObjective {
     fn accepts(&self, t: &Trajectory) -> bool {
         trainable(&self.prompts, t)
             && !(self.cfg.drop_tied_groups && t.advantages.iter().all(|&a| a == 0.0))
+    }
+
+    fn iterations(&self) -> usize {
+        self.cfg.num_iterations
     }
 
     fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss> {

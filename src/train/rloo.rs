@@ -3,10 +3,15 @@
 //! loss = mean over completions of −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A),
 //! A the completion's leave-one-out advantage (with the KL already in the
 //! reward, [`crate::rollout::rloo`]). ℓ_old as in GRPO: the actors' recorded
-//! log-probs, else stop-gradient(ℓ).
+//! log-probs, else stop-gradient(ℓ). With `normalize_advantages` the
+//! advantages are standardised over the learner's batch, which plays TRL's
+//! generation batch (TRL takes one optimizer step per generation batch by
+//! default, as the learner takes one per batch).
 
 use crate::runtime::learner::{Objective, ObjectiveLoss};
-use crate::train::grpo::{Sample, completion_metrics, samples, score, trainable, validate_clip};
+use crate::train::grpo::{
+    Sample, completion_metrics, samples, score, trainable, validate_clip, validate_iterations,
+};
 use crate::train::sft::encode_prompts;
 use anyhow::Result;
 use medzero_envs::{Problem, Trajectory};
@@ -26,6 +31,11 @@ pub struct RlooConfig {
     /// Weight of the KL to the frozen initial model in the reward (TRL's
     /// default 0.05; 0: no reference model is loaded).
     pub beta: f64,
+    /// Optimizer steps on each learner batch (TRL's `num_iterations`).
+    pub num_iterations: usize,
+    /// Standardise the advantages over the batch: (A − mean) / (std + 1e-4),
+    /// std with Bessel's correction (TRL's default: off).
+    pub normalize_advantages: bool,
 }
 
 impl Default for RlooConfig {
@@ -34,12 +44,15 @@ impl Default for RlooConfig {
             epsilon: 0.2,
             epsilon_high: None,
             beta: 0.05,
+            num_iterations: 1,
+            normalize_advantages: false,
         }
     }
 }
 
 impl RlooConfig {
     pub fn validate(&self) -> Result<()> {
+        validate_iterations(self.num_iterations)?;
         validate_clip(self.epsilon, self.epsilon_high, self.beta)
     }
 }
@@ -80,6 +93,24 @@ pub fn loss(policy: &Policy, batch: &[Sample], cfg: &RlooConfig) -> Result<RlooL
     })
 }
 
+/// TRL's batch standardisation of the completions' advantages.
+pub fn normalized(adv: &[f32]) -> Vec<f32> {
+    let n = adv.len() as f64;
+    let mean = adv.iter().map(|&a| a as f64).sum::<f64>() / n;
+    let var = if adv.len() > 1 {
+        adv.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        f64::NAN
+    };
+    // TRL's std of a single value is NaN, and so its advantage; NaN becomes 0.
+    adv.iter()
+        .map(|&a| {
+            let z = (a as f64 - mean) / (var.sqrt() + 1e-4);
+            if z.is_nan() { 0.0 } else { z as f32 }
+        })
+        .collect()
+}
+
 /// RLOO on the trajectories of an online stage, each carrying its
 /// leave-one-out advantage.
 pub struct RlooObjective {
@@ -108,8 +139,26 @@ impl Objective for RlooObjective {
         trainable(&self.prompts, t)
     }
 
+    fn iterations(&self) -> usize {
+        self.cfg.num_iterations
+    }
+
     fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss> {
-        let samples = samples(&self.prompts, batch, None);
+        let mut samples = samples(&self.prompts, batch, None);
+        // A completion's tokens share its advantage.
+        let standardised: Vec<Vec<f32>> = if self.cfg.normalize_advantages {
+            let adv: Vec<f32> = batch.iter().map(|t| t.advantages[0]).collect();
+            batch
+                .iter()
+                .zip(normalized(&adv))
+                .map(|(t, a)| vec![a; t.tokens.len()])
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (s, a) in samples.iter_mut().zip(&standardised) {
+            s.advantages = a;
+        }
         let out = loss(policy, &samples, &self.cfg)?;
         let tokens = samples
             .iter()
@@ -122,6 +171,12 @@ impl Objective for RlooObjective {
             ("clip_ratio/region_mean", out.clip_region),
             ("entropy", out.entropy),
         ]);
+        // TRL's `kl`: Σ(ℓ_old − ℓ_ref) over the batch's completion tokens.
+        let kls: Option<Vec<f64>> = batch.iter().map(|t| t.meta["kl"].as_f64()).collect();
+        if let Some(kls) = kls {
+            let n: usize = batch.iter().map(|t| t.tokens.len()).sum();
+            metrics.push(("kl", kls.iter().sum::<f64>() / n.max(1) as f64));
+        }
         Ok(ObjectiveLoss {
             loss: out.loss,
             tokens,
