@@ -280,8 +280,9 @@ fn gold_chains_read_the_case_forward() {
     assert!(share > 0.05, "only {share} of chains weigh a distractor");
 }
 
-/// Labels check meaning: an abnormal lab is a premise only once read; the
-/// right reading at a wrong value is wrong; the right answer with nothing
+/// Labels check meaning: an abnormal lab is a premise only once read; a lab
+/// step is judged by its reading, not the digits it copied, and a
+/// correction keeps such a step; the right answer with nothing
 /// derived is a lucky guess, labelled wrong; a noisy teacher's chain goes
 /// wrong exactly at the disease it misattributes and answers what it derived.
 #[test]
@@ -317,16 +318,41 @@ fn labels_follow_meaning_not_strings() {
             );
             lab_premises += 1;
         }
-        // Right reading, wrong value.
+        // A lab step is judged by its reading: a miscopied value with the
+        // right reading is right, the right value on the wrong side is not.
         let (lab, value) = case.labs[0];
         let l = &kb.labs[lab];
-        let shifted =
-            lab_step(kb, lab, value).replacen(&l.fmt(value), &format!("{}9", l.fmt(value)), 1);
+        let step = lab_step(kb, lab, value);
+        let shifted = step.replacen(&l.fmt(value), &format!("{}9", l.fmt(value)), 1);
         assert_eq!(
             truth.label_steps(p, &[Step::new(shifted.clone())]).unwrap(),
-            [false],
+            [true],
             "{shifted}"
         );
+        let flipped = [
+            (" above ", " below "),
+            (" below ", " above "),
+            (" within ", " above "),
+        ]
+        .into_iter()
+        .find(|(from, _)| step.contains(from))
+        .map(|(from, to)| step.replacen(from, to, 1))
+        .unwrap();
+        assert_eq!(
+            truth.label_steps(p, &[Step::new(flipped.clone())]).unwrap(),
+            [false],
+            "{flipped}"
+        );
+        if !o.is_noisy(p) {
+            let fixed = o.correct(p, &[Step::new(shifted.clone())]).unwrap();
+            assert_eq!(fixed[0].text, shifted);
+            assert!(
+                !fixed.iter().any(|s| s.text == step),
+                "{}: the corrected chain reads the lab twice",
+                p.id
+            );
+            assert!(truth.label_steps(p, &fixed).unwrap().iter().all(|&l| l));
+        }
         // The gold answer alone is a guess.
         let guess = Step::new(finish_step(p.gold_text().unwrap()));
         assert_eq!(truth.label_steps(p, &[guess]).unwrap(), [false]);

@@ -302,9 +302,11 @@ pub fn parse_claim(kb: &Kb, text: &str) -> Option<Claim> {
 }
 
 /// Ground-truth labels for any chain about a SynthClinic case, by meaning:
-/// - a lab step is correct when it reads a lab the question shows, at the
-///   value shown, on the right side of its range (and an abnormal one names
-///   the finding that side means); only then is that finding established;
+/// - a lab step is correct when it reads a lab the question shows on the
+///   side of its range the shown value lies (and an abnormal one names the
+///   finding that side means); only then is that finding established. The
+///   value it writes is not checked: the step's content is its reading, and
+///   a miscopied digit that keeps the reading changes no later inference;
 /// - a derivation when the KB implies its conclusion from its two premises
 ///   and both are established (a symptom or sign of the case, a finding read
 ///   by an earlier correct lab step, or an earlier correct conclusion);
@@ -343,15 +345,17 @@ pub fn label_steps(kb: &Kb, case: &Case, problem: &Problem, steps: &[Step]) -> V
                 }
                 Claim::Lab {
                     lab,
-                    value,
+                    value: _,
                     reading,
                     range,
                     finding,
                 } => {
                     let l = &kb.labs[lab];
-                    let ok = case.labs.iter().any(|&(cl, v)| {
-                        cl == lab && l.fmt(v) == value && Reading::of(l, v) == reading
-                    }) && range == l.range()
+                    let ok = case
+                        .labs
+                        .iter()
+                        .any(|&(cl, v)| cl == lab && Reading::of(l, v) == reading)
+                        && range == l.range()
                         && finding.map(|f| f.to_lowercase())
                             == lab_finding_name(l, reading).map(|f| f.to_lowercase());
                     if ok && let Some(f) = lab_finding_name(l, reading) {

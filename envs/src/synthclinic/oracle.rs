@@ -5,7 +5,7 @@
 //! of items, as a real LLM teacher is.
 
 use super::case::Case;
-use super::chain::{chain_to, gold_chain, label_steps};
+use super::chain::{Claim, chain_to, gold_chain, label_steps, parse_claim};
 use super::corpus::facts_for;
 use super::kb::Kb;
 use crate::problem::{Problem, Step};
@@ -210,8 +210,9 @@ impl Oracle {
     }
 
     /// Keeps the chain up to its first wrong step and continues with the
-    /// teacher's own chain, skipping steps already written. A chain with no
-    /// wrong step but no answer is completed the same way.
+    /// teacher's own chain, skipping steps already written (a lab already
+    /// read, whatever value the chain copied for it). A chain with no wrong
+    /// step but no answer is completed the same way.
     pub fn correct(&self, p: &Problem, steps: &[Step]) -> Result<Vec<Step>, NotSynthClinic> {
         let case = self.case(p)?;
         let labels = label_steps(&self.kb, &case, p, steps);
@@ -222,8 +223,15 @@ impl Oracle {
             .cloned()
             .collect();
         let teacher = chain_to(&self.kb, &case, &p.question, self.believed(p, &case));
+        let lab = |text: &str| match parse_claim(&self.kb, text) {
+            Some(Claim::Lab { lab, .. }) => Some(lab),
+            _ => None,
+        };
         for s in teacher {
-            if !out.iter().any(|o| o.text == s.text) {
+            let written = out
+                .iter()
+                .any(|o| o.text == s.text || lab(&s.text).is_some_and(|l| lab(&o.text) == Some(l)));
+            if !written {
                 out.push(s);
             }
         }
