@@ -148,6 +148,17 @@ prm = "prm"
 samples = 4
 max_new_tokens = 64
 rules = ["vote-sc", "prm-max", "prm-minmax", "prm-vote-sum", "p-vs", "bon-mean", "bon-prod"]
+[[stages]]
+kind = "meds3_prm"
+name = "prm-oracle"
+init = "chains"
+data = ["mcts"]
+balance = false
+labels = "oracle"
+heldout = 0.34
+[stages.sft]
+epochs = 1
+batch_size = 8
 "#;
 
 #[test]
@@ -188,6 +199,39 @@ fn the_meds3_pipeline_runs_end_to_end() {
     )
     .unwrap();
     assert!(q["steps"].as_u64().unwrap() > 0, "{q}");
+
+    // Each PRM states its target. Its training steps are the searched
+    // chains' nodes split at their "Step k:" lines, over the questions not
+    // held out (the last 1 of 6 for the default 0.1, the last 2 at 0.34).
+    let pieces = |questions: usize| -> u64 {
+        records[..questions]
+            .iter()
+            .flat_map(|r| r.pos.iter().chain(&r.neg))
+            .flat_map(|leaf| &leaf.chain)
+            .map(|node| medzero_envs::parse_chain(&node.text).len() as u64)
+            .sum()
+    };
+    let target = |stage: &str| -> serde_json::Value {
+        let path = run.join("stages").join(stage).join("prm_target.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let soft = target("3-prm");
+    assert_eq!(soft["labels"], "soft", "{soft}");
+    assert_eq!(soft["heldout_questions"], 1, "{soft}");
+    assert_eq!(soft["train"]["steps"].as_u64(), Some(pieces(5)), "{soft}");
+    assert!(
+        soft["heldout_vs_oracle"]["steps"].as_u64() > Some(0),
+        "{soft}"
+    );
+    let oracle = target("5-prm-oracle");
+    assert_eq!(oracle["heldout_questions"], 2, "{oracle}");
+    assert_eq!(
+        oracle["train"]["steps"].as_u64(),
+        Some(pieces(4)),
+        "{oracle}"
+    );
+    // Trained on the world's labels, its labels agree with them exactly.
+    assert_eq!(oracle["train"]["accuracy"].as_f64(), Some(1.0), "{oracle}");
 
     // The CLI: PRM rules without a PRM are refused with what to do.
     let model = run.join("stages/1-chains/model");

@@ -6,6 +6,7 @@
 //! from the new policy; P-VS is an evaluation rule.
 
 use super::{Accept, Stage, StageCtx, StageOutput, fine_tune, required};
+use crate::eval::PrmQuality;
 use crate::infra::io::write_json;
 use crate::rollout::mcts::{self, MctsConfig, Meds3Record};
 use crate::rollout::meds3::{MctsRollout, SearchMeta, StepGeneration};
@@ -15,8 +16,8 @@ use crate::train::TrainConfig;
 use crate::train::prm::{PrmExample, PrmLoss};
 use crate::train::sft::Example;
 use anyhow::{Context, Result, bail};
-use medzero_envs::{Problem, ROOT_TEXT, Trajectory, atomic, response_steps};
-use medzero_rewards::prm::encode_steps;
+use medzero_envs::{Problem, ROOT_TEXT, Step, Trajectory, atomic, parse_chain, response_steps};
+use medzero_rewards::prm::{Prm, encode_steps};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -309,6 +310,10 @@ pub enum PrmLabels {
     Soft,
     /// `l_i = v_i - lambda (l_{i-1} - v_i)` (the later version).
     DualSided,
+    /// The world's semantic step labels (1 right, 0 wrong): a reference PRM
+    /// trained on what the search values stand in for, so head quality
+    /// shows apart from label quality.
+    Oracle,
 }
 
 /// PRM training on the search stages' pos and neg chains.
@@ -324,6 +329,10 @@ pub struct PrmStage {
     /// Use min(#pos, #neg) chains of each kind per question, as MedS3 does;
     /// off: every chain.
     pub balance: bool,
+    /// Share of the searched questions (the last ones) kept out of training
+    /// and scored after it, against their search values and the world's
+    /// step labels (`prm_target.json`); 0: none.
+    pub heldout: f64,
     pub sft: TrainConfig,
 }
 
@@ -336,17 +345,28 @@ impl Default for PrmStage {
             labels: PrmLabels::Soft,
             lambda: 1.0,
             balance: true,
+            heldout: 0.1,
             sft: TrainConfig::default(),
         }
     }
 }
 
-fn prm_examples(
-    ctx: &StageCtx,
-    stage: &PrmStage,
-    policy: &medzero_policies::Policy,
-) -> Result<Vec<PrmExample>> {
-    let template = ctx.run.template.clone();
+/// The file where a PRM stage states its target (see [`PrmTarget`]).
+pub const PRM_TARGET_FILE: &str = "prm_target.json";
+
+/// One searched chain as the PRM sees it: each node split at its `Step k:`
+/// lines (a Finish node holds the rest of the chain), every piece carrying
+/// its node's training label, and the world's label of each piece.
+struct Labelled<'w> {
+    problem: &'w Problem,
+    steps: Vec<String>,
+    labels: Vec<f64>,
+    /// The node's search value (the MC estimate), per piece.
+    values: Vec<f64>,
+    oracle: Option<Vec<bool>>,
+}
+
+fn labelled_chains<'w>(ctx: &StageCtx<'w>, stage: &PrmStage) -> Result<Vec<Vec<Labelled<'w>>>> {
     let mut out = Vec::new();
     for (p, r) in records(ctx, &stage.data)? {
         let keep = if stage.balance {
@@ -354,33 +374,93 @@ fn prm_examples(
         } else {
             usize::MAX
         };
+        let mut chains = Vec::new();
         for leaf in r.pos.iter().take(keep).chain(r.neg.iter().take(keep)) {
-            let steps: Vec<String> = leaf.chain.iter().map(|s| s.text.clone()).collect();
-            let (ids, step_ends) =
-                encode_steps(policy, &template.render(&p.prompt_text()), &steps)?;
-            let labels = match stage.labels {
-                PrmLabels::Soft => mcts::soft_labels(&leaf.chain),
+            let node_labels = match stage.labels {
                 PrmLabels::DualSided => mcts::dual_sided_labels(&leaf.chain, stage.lambda),
+                _ => mcts::soft_labels(&leaf.chain),
             };
-            out.push(PrmExample {
-                ids,
-                step_ends,
+            let (mut steps, mut labels, mut values) = (Vec::new(), Vec::new(), Vec::new());
+            for (node, label) in leaf.chain.iter().zip(node_labels) {
+                for piece in parse_chain(&node.text) {
+                    steps.push(piece.text);
+                    labels.push(label);
+                    values.push(node.value);
+                }
+            }
+            let as_steps: Vec<Step> = steps.iter().cloned().map(Step::new).collect();
+            let oracle = ctx.truth.label_steps(p, &as_steps).ok();
+            if stage.labels == PrmLabels::Oracle {
+                let Some(truth) = &oracle else {
+                    bail!(
+                        "labels = \"oracle\" needs the world's step labels, and {} has none",
+                        p.id
+                    );
+                };
+                labels = truth.iter().map(|&ok| ok as u8 as f64).collect();
+            }
+            chains.push(Labelled {
+                problem: p,
+                steps,
                 labels,
+                values,
+                oracle,
             });
         }
-    }
-    if out.is_empty() {
-        bail!(
-            "the searches {:?} left no PRM data{}",
-            stage.data,
-            if stage.balance {
-                " (balance = true keeps only questions with both correct and wrong chains)"
-            } else {
-                ""
-            }
-        );
+        out.push(chains);
     }
     Ok(out)
+}
+
+fn prm_examples(
+    ctx: &StageCtx,
+    policy: &medzero_policies::Policy,
+    chains: &[&Labelled],
+) -> Result<Vec<PrmExample>> {
+    let template = ctx.run.template.clone();
+    chains
+        .iter()
+        .map(|c| {
+            let (ids, step_ends) =
+                encode_steps(policy, &template.render(&c.problem.prompt_text()), &c.steps)?;
+            Ok(PrmExample {
+                ids,
+                step_ends,
+                labels: c.labels.clone(),
+            })
+        })
+        .collect()
+}
+
+/// What a PRM is trained towards and how near it gets (MedS3's PRM learns
+/// search values, which estimate whether the answer is still reachable;
+/// the world's labels judge each step's soundness).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrmTarget {
+    pub labels: PrmLabels,
+    /// The ceiling: the training labels themselves scored against the
+    /// world's labels of the same steps.
+    pub train: Option<PrmQuality>,
+    /// The trained PRM on the held-out questions' steps, against their
+    /// search values (>= 0.5 counts as right) and against the world's labels.
+    pub heldout_vs_values: Option<PrmQuality>,
+    pub heldout_vs_oracle: Option<PrmQuality>,
+    /// The held-out steps' search values against the world's labels.
+    pub heldout_ceiling: Option<PrmQuality>,
+    pub heldout_questions: usize,
+}
+
+/// The pairs (score, the world's label) over `chains`, `score` picking a
+/// chain's per-step scores.
+fn against_oracle<'c>(
+    chains: impl IntoIterator<Item = (&'c Labelled<'c>, &'c [f64])>,
+) -> Option<PrmQuality> {
+    let pairs: Vec<(f64, bool)> = chains
+        .into_iter()
+        .filter_map(|(c, scores)| c.oracle.as_ref().map(|o| (o, scores)))
+        .flat_map(|(o, scores)| scores.iter().copied().zip(o.iter().copied()))
+        .collect();
+    PrmQuality::from_pairs(&pairs)
 }
 
 impl Stage for PrmStage {
@@ -397,6 +477,12 @@ impl Stage for PrmStage {
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             bail!("lambda must be a finite number >= 0, got {}", self.lambda);
         }
+        if !(0.0..1.0).contains(&self.heldout) {
+            bail!(
+                "heldout must be a share of the questions in [0, 1), got {}",
+                self.heldout
+            );
+        }
         self.sft.validate().context("sft")
     }
 
@@ -404,14 +490,74 @@ impl Stage for PrmStage {
         let (policy, inherited) = ctx.start_from(Some(&self.init))?;
         tch::manual_seed(ctx.run.seed as i64);
         let head = policy.add_value_head();
-        let data = prm_examples(ctx, self, &policy)?;
+        let questions = labelled_chains(ctx, self)?;
+        let held = ((questions.len() as f64 * self.heldout).round() as usize)
+            .min(questions.len().saturating_sub(1));
+        let (train, heldout) = questions.split_at(questions.len() - held);
+        let train: Vec<&Labelled> = train.iter().flatten().collect();
+        let heldout: Vec<&Labelled> = heldout.iter().flatten().collect();
+        if train.is_empty() {
+            bail!(
+                "the searches {:?} left no PRM data{}",
+                self.data,
+                if self.balance {
+                    " (balance = true keeps only questions with both correct and wrong chains)"
+                } else {
+                    ""
+                }
+            );
+        }
         let mut loss = PrmLoss {
             head: &head,
-            data,
+            data: prm_examples(ctx, &policy, &train)?,
             pad: policy.tokenizer.pad_id(),
         };
         let report = crate::train::train(&policy, &mut loss, &self.sft, ctx.train_run())?;
         let model = ctx.save_model(&policy, inherited + report.tokens, report.wall_s)?;
+
+        let prm = Prm::load(&model.dir, ctx.run.device)?;
+        let mut scores = Vec::with_capacity(heldout.len());
+        for c in &heldout {
+            let prompt = ctx.run.template.render(&c.problem.prompt_text());
+            let s = prm.score(&prompt, std::slice::from_ref(&c.steps))?;
+            scores.push(s.into_iter().next().unwrap_or_default());
+        }
+        let vs_values: Vec<(f64, bool)> = heldout
+            .iter()
+            .zip(&scores)
+            .flat_map(|(c, s)| s.iter().copied().zip(c.values.iter().map(|&v| v >= 0.5)))
+            .collect();
+        let target = PrmTarget {
+            labels: self.labels,
+            train: against_oracle(train.iter().map(|&c| (c, c.labels.as_slice()))),
+            heldout_vs_values: PrmQuality::from_pairs(&vs_values),
+            heldout_vs_oracle: against_oracle(
+                heldout.iter().zip(&scores).map(|(&c, s)| (c, s.as_slice())),
+            ),
+            heldout_ceiling: against_oracle(heldout.iter().map(|&c| (c, c.values.as_slice()))),
+            heldout_questions: held,
+        };
+        write_json(&ctx.dir.join(PRM_TARGET_FILE), &target)?;
+        let auroc = |q: &Option<PrmQuality>| q.as_ref().map_or(f64::NAN, |q| q.auroc);
+        eprintln!(
+            "{}: AUROC of its training labels vs the world's {:.3}; on {held} held-out questions, \
+             the PRM vs search values {:.3}, vs the world's labels {:.3} (their values: {:.3})",
+            ctx.name,
+            auroc(&target.train),
+            auroc(&target.heldout_vs_values),
+            auroc(&target.heldout_vs_oracle),
+            auroc(&target.heldout_ceiling),
+        );
+        for (tag, q) in [
+            ("prm/train_labels_auroc", &target.train),
+            ("prm/heldout_vs_values_auroc", &target.heldout_vs_values),
+            ("prm/heldout_vs_oracle_auroc", &target.heldout_vs_oracle),
+            ("prm/heldout_values_auroc", &target.heldout_ceiling),
+        ] {
+            if let Some(q) = q {
+                ctx.metrics.scalar(tag, 0, q.auroc);
+            }
+        }
         Ok(StageOutput {
             rows: Vec::new(),
             model: Some(model),
