@@ -233,6 +233,46 @@ fn the_meds3_pipeline_runs_end_to_end() {
     // Trained on the world's labels, its labels agree with them exactly.
     assert_eq!(oracle["train"]["accuracy"].as_f64(), Some(1.0), "{oracle}");
 
+    // Claims may be added to a finished run: it resumes every stage and
+    // checks them against its rows.
+    let claims = r#"
+[[claims]]
+name = "voting beats greedy"
+left = "chains:vote-sc@4"
+op = ">="
+right = "chains:greedy"
+[[claims]]
+name = "above a number"
+left = "chains:greedy"
+op = ">"
+right = 1.5
+[[claims]]
+name = "a figure never computed"
+left = "chains:vote-sc@16"
+op = ">"
+right = 0.0
+"#;
+    let cfg = support::write_config(dir.path(), &format!("{PIPELINE}{claims}"));
+    let o = support::medzero(&["run", &cfg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    let claims = results["claims"].as_array().unwrap();
+    let row = &results["rows"][0];
+    let voting = row["selection_accuracy"]["vote-sc@4"].as_f64().unwrap();
+    let greedy = row["greedy_accuracy"].as_f64().unwrap();
+    assert_eq!(
+        claims[0]["holds"].as_bool(),
+        Some(voting >= greedy),
+        "{claims:?}"
+    );
+    assert_eq!(claims[0]["left"].as_f64(), Some(voting));
+    assert_eq!(claims[1]["holds"].as_bool(), Some(false), "{claims:?}");
+    assert!(claims[2]["holds"].is_null(), "{claims:?}");
+    assert_eq!(claims[2]["missing"], "chains has no vote-sc@16");
+    let table = std::fs::read_to_string(run.join("results.md")).unwrap();
+    assert!(table.contains("| voting beats greedy |"), "{table}");
+
     // The CLI: PRM rules without a PRM are refused with what to do.
     let model = run.join("stages/1-chains/model");
     let data = run.join("data/test.jsonl");

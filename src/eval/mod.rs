@@ -129,6 +129,7 @@ impl EvalReport {
             greedy_accuracy: self.greedy_accuracy,
             selection_accuracy: self.selection_accuracy,
             judge_accuracy: self.judge.map(|j| j.accuracy),
+            prm_auroc: self.prm_quality.as_ref().map(|q| q.auroc),
             per_task: self.per_task,
             groups: Default::default(),
             n: self.n,

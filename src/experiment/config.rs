@@ -5,6 +5,7 @@
 //! last stage as in the first, fails before anything runs.
 
 use super::overrides::{apply_override, explain};
+use crate::infra::claims::ClaimSpec;
 use crate::stages::{StageSpec, registry};
 use crate::teacher::TeacherConfig;
 use anyhow::{Context, Result, anyhow, bail};
@@ -31,6 +32,8 @@ pub struct Config {
     pub teacher: TeacherConfig,
     pub student: StudentConfig,
     pub stages: Vec<StageSpec>,
+    /// Orderings checked when the run ends, written into `results.json`.
+    pub claims: Vec<ClaimSpec>,
 }
 
 /// The base student: a fresh Llama-family decoder with SynthClinic's
@@ -253,7 +256,12 @@ impl Config {
             }
         }
         self.teacher.validate()?;
-        registry::validate(&self.stages, self.run.deterministic)
+        registry::validate(&self.stages, self.run.deterministic)?;
+        let names: Vec<&str> = self.stages.iter().map(|s| s.name()).collect();
+        for c in &self.claims {
+            c.validate(&names).context("claims")?;
+        }
+        Ok(())
     }
 
     /// The fully resolved config, as written into the run folder.

@@ -174,11 +174,13 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
     }
     bar.finish_and_clear();
 
+    let claims = cfg.claims.iter().map(|c| c.check(&rows)).collect();
     let results = Results {
         run: cfg.run.name.clone(),
         seed: cfg.run.seed,
         stamp,
         rows,
+        claims,
     };
     crate::infra::io::write_json(&dir.join("results.json"), &results)?;
     atomic::write(&dir.join("results.md"), results.to_markdown().as_bytes())?;
@@ -208,6 +210,10 @@ fn check_resume(dir: &Path, old: &str, new: &str) -> Result<()> {
             (Some("stages"), Some(Ok(k))) => Some(k),
             _ => None,
         };
+        // Claims are read only when the run ends: they may change any time.
+        if path == "claims" || path.starts_with("claims.") {
+            continue;
+        }
         match stage.map(|k| (k, folder(k))) {
             // A stage the old config did not have, or that never finished.
             Some((_, None)) => {}

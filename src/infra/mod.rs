@@ -3,6 +3,7 @@
 //! tables, signals and progress bars.
 
 pub mod checkpoint;
+pub mod claims;
 pub mod io;
 pub mod monitor;
 pub mod progress;

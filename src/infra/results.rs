@@ -1,5 +1,6 @@
 //! The run's final table: `results.json` for scripts, `results.md` for people.
 
+use super::claims::Claim;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -19,6 +20,10 @@ pub struct Row {
     /// Share of greedy answers the teacher judged correct (`eval.judge`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge_accuracy: Option<f64>,
+    /// The PRM's AUROC against the world's step labels on this method's
+    /// samples, when the evaluation had a PRM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prm_auroc: Option<f64>,
     #[serde(default)]
     pub per_task: BTreeMap<String, f64>,
     /// Greedy accuracy on named subsets of the questions (SynthClinic:
@@ -46,6 +51,9 @@ pub struct Results {
     pub seed: u64,
     pub stamp: String,
     pub rows: Vec<Row>,
+    /// The experiment's `[[claims]]`, checked against `rows`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<Claim>,
 }
 
 impl Results {
@@ -100,6 +108,24 @@ impl Results {
                 s.push_str(&format!(" {} |", pct(row.per_task.get(*t))));
             }
             s.push_str(&format!(" {} | {:.2} |\n", row.training_tokens, row.wall_s));
+        }
+        if !self.claims.is_empty() {
+            s.push_str("\n| claim | holds | left | right | margin |\n|---|---|---|---|---|\n");
+            for c in &self.claims {
+                let holds = match c.holds {
+                    Some(true) => "yes".to_string(),
+                    Some(false) => "no".to_string(),
+                    None => format!("- ({})", c.missing.as_deref().unwrap_or_default()),
+                };
+                let num = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+                s.push_str(&format!(
+                    "| {} | {holds} | {} | {} | {} |\n",
+                    c.name,
+                    num(c.left),
+                    num(c.right),
+                    c.margin
+                ));
+            }
         }
         s
     }

@@ -64,6 +64,7 @@ impl Stage for BaselinesStage {
                     greedy_accuracy: s.accuracy,
                     selection_accuracy: Default::default(),
                     judge_accuracy: None,
+                    prm_auroc: None,
                     per_task: if *synthetic {
                         s.per_task
                     } else {
