@@ -129,7 +129,12 @@ impl EvalReport {
             greedy_accuracy: self.greedy_accuracy,
             selection_accuracy: self.selection_accuracy,
             judge_accuracy: self.judge.map(|j| j.accuracy),
-            prm_auroc: self.prm_quality.as_ref().map(|q| q.auroc),
+            // Undefined (NaN) when the labels hold one class only.
+            prm_auroc: self
+                .prm_quality
+                .as_ref()
+                .map(|q| q.auroc)
+                .filter(|a| a.is_finite()),
             per_task: self.per_task,
             groups: Default::default(),
             n: self.n,

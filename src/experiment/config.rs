@@ -5,7 +5,7 @@
 //! last stage as in the first, fails before anything runs.
 
 use super::overrides::{apply_override, explain};
-use crate::infra::claims::ClaimSpec;
+use crate::infra::results::ClaimSpec;
 use crate::stages::{StageSpec, registry};
 use crate::teacher::TeacherConfig;
 use anyhow::{Context, Result, anyhow, bail};

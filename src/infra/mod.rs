@@ -3,7 +3,6 @@
 //! tables, signals and progress bars.
 
 pub mod checkpoint;
-pub mod claims;
 pub mod io;
 pub mod monitor;
 pub mod progress;
