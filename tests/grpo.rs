@@ -394,7 +394,8 @@ fn one_step_matches_trl_rloo_trainer() {
             adv.extend(rloo_actor::advantages(r, &kl, beta));
         }
         if normalize {
-            adv = rloo::normalized(&adv);
+            // TRL standardises over the batch as GRPO does over a group.
+            adv = normalise(&adv, ScaleRewards::Group);
         }
         for (a, b) in adv.iter().zip(floats(&trl["advantages"])) {
             assert!(

@@ -515,7 +515,9 @@ impl Stage for PrmStage {
         let report = crate::train::train(&policy, &mut loss, &self.sft, ctx.train_run())?;
         let model = ctx.save_model(&policy, inherited + report.tokens, report.wall_s)?;
 
-        let prm = Prm::load(&model.dir, ctx.run.device)?;
+        drop(loss);
+        // The trained model as it was saved, without reading it back.
+        let prm = Prm { policy, head };
         let mut scores = Vec::with_capacity(heldout.len());
         for c in &heldout {
             let prompt = ctx.run.template.render(&c.problem.prompt_text());

@@ -8,6 +8,7 @@
 //! generation batch (TRL takes one optimizer step per generation batch by
 //! default, as the learner takes one per batch).
 
+use crate::rollout::advantage::{ScaleRewards, normalise};
 use crate::runtime::learner::{Objective, ObjectiveLoss};
 use crate::train::grpo::{
     Sample, completion_metrics, samples, score, trainable, validate_clip, validate_iterations,
@@ -93,24 +94,6 @@ pub fn loss(policy: &Policy, batch: &[Sample], cfg: &RlooConfig) -> Result<RlooL
     })
 }
 
-/// TRL's batch standardisation of the completions' advantages.
-pub fn normalized(adv: &[f32]) -> Vec<f32> {
-    let n = adv.len() as f64;
-    let mean = adv.iter().map(|&a| a as f64).sum::<f64>() / n;
-    let var = if adv.len() > 1 {
-        adv.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        f64::NAN
-    };
-    // TRL's std of a single value is NaN, and so its advantage; NaN becomes 0.
-    adv.iter()
-        .map(|&a| {
-            let z = (a as f64 - mean) / (var.sqrt() + 1e-4);
-            if z.is_nan() { 0.0 } else { z as f32 }
-        })
-        .collect()
-}
-
 /// RLOO on the trajectories of an online stage, each carrying its
 /// leave-one-out advantage.
 pub struct RlooObjective {
@@ -150,7 +133,7 @@ impl Objective for RlooObjective {
             let adv: Vec<f32> = batch.iter().map(|t| t.advantages[0]).collect();
             batch
                 .iter()
-                .zip(normalized(&adv))
+                .zip(normalise(&adv, ScaleRewards::Group))
                 .map(|(t, a)| vec![a; t.tokens.len()])
                 .collect()
         } else {
