@@ -69,7 +69,12 @@ fn batch(eos: i64) -> (Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<f32>) {
 /// Adam's epsilon (torch's and TRL's default, and ours).
 const ADAM_EPS: f64 = 1e-8;
 
-/// Our post-clip gradient of each parameter TRL also has, by name.
+/// A tensor's elements, flat, as f64.
+fn values(t: &tch::Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(&t.flatten(0, -1).to_kind(tch::Kind::Double)).unwrap()
+}
+
+/// Our post-clip gradient of each parameter by name (zeros where none).
 fn grads(policy: &Policy) -> Vec<(String, Vec<f64>)> {
     policy
         .named_parameters()
@@ -77,7 +82,7 @@ fn grads(policy: &Policy) -> Vec<(String, Vec<f64>)> {
         .map(|(name, p)| {
             let g = p.grad();
             let g = if g.defined() {
-                Vec::<f64>::try_from(&g.flatten(0, -1).to_kind(tch::Kind::Double)).unwrap()
+                values(&g)
             } else {
                 vec![0.0; p.numel()]
             };
@@ -132,8 +137,7 @@ fn assert_params_match(policy: &Policy, trl: &serde_json::Value, what: &str) {
             assert!(name.contains("lm_head"), "{what}: TRL has no {name}");
             continue;
         };
-        let ours: Vec<f64> =
-            Vec::<f64>::try_from(&p.flatten(0, -1).to_kind(tch::Kind::Double)).unwrap();
+        let ours = values(&p);
         let mut largest_grad = vec![0.0f64; ours.len()];
         for step in steps {
             let g = floats(&step["grads_post_clip"][&name]);
