@@ -1,12 +1,15 @@
 //! Generation on the quickstart's student shape (random weights, so every
 //! step runs to its budget): prefill, cached decoding at batch 1 and 32,
-//! forked samples of one prompt, and MCTS expansions with and without
-//! prefix reuse. One libtorch thread, so the figures do not depend on the
+//! forked samples of one prompt, MCTS expansions with and without
+//! prefix reuse, and 8 trees searched one at a time against 8 in flight
+//! through the inference service. One libtorch thread, so the figures do not depend on the
 //! machine's core count.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use medzero::rollout::mcts::{self, MctsConfig};
-use medzero::rollout::meds3::{PolicySteps, StepGeneration};
+use medzero::rollout::meds3::{MctsRollout, PolicySteps, StepGeneration};
+use medzero::runtime::actor::problem_rng;
+use medzero::runtime::service::ServiceConfig;
 use medzero_envs::synthclinic::{SynthClinic, SynthConfig};
 use medzero_policies::llama::DecoderConfig;
 use medzero_policies::tokenizer::{PromptTemplate, Tokenizer};
@@ -101,6 +104,32 @@ fn generation(c: &mut Criterion) {
             })
         });
     }
+    let rollout = MctsRollout {
+        mcts: cfg.clone(),
+        generation: StepGeneration {
+            step_max_tokens: 16,
+            rollout_max_tokens: 32,
+            ..StepGeneration::default()
+        },
+        template: PromptTemplate::Plain,
+        iteration: 0,
+    };
+    let problems: Vec<_> = world.test.iter().cycle().take(8).collect();
+    g.bench_function("8-trees/one-at-a-time", |b| {
+        b.iter(|| {
+            for (i, p) in problems.iter().enumerate() {
+                rollout.search(&policy, p, &mut problem_rng(0, i)).unwrap();
+            }
+        })
+    });
+    g.bench_function("8-trees/in-flight-via-service", |b| {
+        b.iter(|| {
+            let rngs = (0..problems.len()).map(|i| problem_rng(0, i)).collect();
+            rollout
+                .search_many(&policy, &problems, rngs, 8, ServiceConfig::default())
+                .unwrap()
+        })
+    });
     g.finish();
 }
 

@@ -340,3 +340,169 @@ fn samples_drawn_in_batches_equal_one_batch() {
         assert_eq!(draw(rows), whole, "batches of {rows}");
     }
 }
+
+/// A decode request: rows to continue (built fresh for each path), sampling
+/// parameters and a seed for its streams.
+struct Request {
+    prompts: Vec<Vec<i64>>,
+    /// Each prompt's row is forked this many times (MCTS children, N samples).
+    fork: usize,
+    params: SamplingParams,
+    seed: u64,
+}
+
+impl Request {
+    fn rows(&self, policy: &Policy) -> medzero_policies::Rows {
+        let one = policy.prefill(&self.prompts, 0).unwrap();
+        let picked: Vec<usize> = (0..self.prompts.len())
+            .flat_map(|r| std::iter::repeat_n(r, self.fork))
+            .collect();
+        one.select(&picked, self.params.max_new_tokens)
+    }
+    fn streams(&self, n: usize) -> Vec<ChaCha8Rng> {
+        medzero_policies::generate::streams(&mut ChaCha8Rng::seed_from_u64(self.seed), n)
+    }
+}
+
+/// Continuous batching is a speed switch: requests with different prompts,
+/// lengths and sampling parameters, joining at different steps, each get
+/// from the engine what `Policy::decode` gives them alone (tokens, log-probs,
+/// texts, finish reasons), and their rows are left in the same state: the
+/// same ids, the same logits, and a cache that continues the same way.
+#[test]
+fn continuous_batching_gives_each_request_what_decode_gives_it_alone() {
+    let (world, policy) = (world(), policy());
+    // Prompts of different lengths: questions, some cut short.
+    let prompt = |i: usize, cut: usize| {
+        let p = &world.train[i % world.train.len()];
+        let mut ids = policy
+            .tokenizer
+            .encode(&PromptTemplate::Plain.render(&p.prompt_text()))
+            .unwrap();
+        ids.truncate(ids.len() - 7 * cut);
+        ids
+    };
+    let step = |temperature: f64, top_p: f64, max: usize| SamplingParams {
+        max_new_tokens: max,
+        temperature,
+        top_p,
+        stop: vec!["\n\nStep".into()],
+        ..SamplingParams::default()
+    };
+    let requests: Vec<Request> = (0..10)
+        .map(|k| Request {
+            prompts: (0..1 + k % 3).map(|j| prompt(k + j, (k + j) % 4)).collect(),
+            fork: 1 + k % 4,
+            params: match k % 4 {
+                0 => SamplingParams::greedy(30),
+                1 => step(1.0, 0.9, 24),
+                2 => SamplingParams {
+                    top_k: 5,
+                    ..step(0.6, 1.0, 96)
+                },
+                _ => SamplingParams {
+                    max_new_tokens: 120,
+                    temperature: 1.2,
+                    ..SamplingParams::default()
+                },
+            },
+            seed: 100 + k as u64,
+        })
+        .collect();
+    // Some requests join while others are half way.
+    let mut engine = medzero_policies::engine::Engine::new(&policy, 3);
+    let mut served = Vec::new();
+    for (k, r) in requests.iter().enumerate() {
+        let rows = r.rows(&policy);
+        let n = rows.len();
+        engine.submit(rows, r.params.clone(), r.streams(n));
+        for _ in 0..k % 3 * 5 {
+            served.extend(engine.step());
+        }
+    }
+    served.extend(engine.run_to_end());
+    served.sort_by_key(|d| d.id);
+    assert_eq!(served.len(), requests.len());
+    assert!(
+        engine.steps > 0 && engine.sampled_rows / engine.steps > 4,
+        "nothing was batched"
+    );
+    for (k, (r, mut done)) in requests.iter().zip(served).enumerate() {
+        let mut alone = r.rows(&policy);
+        let n = alone.len();
+        let plain = policy.decode(&mut alone, &r.params, &mut r.streams(n));
+        assert_eq!(done.generations.len(), plain.len());
+        for (i, (a, b)) in done.generations.iter().zip(&plain).enumerate() {
+            assert_eq!(a.tokens, b.tokens, "request {k}, row {i}: tokens differ");
+            assert_eq!(a.text, b.text, "request {k}, row {i}");
+            assert_eq!(a.finish, b.finish, "request {k}, row {i}");
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                assert!(
+                    (x - y).abs() < 1e-5,
+                    "request {k}, row {i}: log-probs {x} vs {y}"
+                );
+            }
+        }
+        for i in 0..n {
+            assert_eq!(done.rows.ids(i), alone.ids(i), "request {k}, row {i}: ids");
+            let d = max_abs_diff(&done.rows.logits(i), &alone.logits(i));
+            assert!(d < 1e-4, "request {k}, row {i}: logits differ by {d}");
+        }
+        // The caches continue alike.
+        let more: Vec<Vec<i64>> = (0..n).map(|i| vec![3 + i as i64, 7]).collect();
+        policy.extend(&mut done.rows, &more).unwrap();
+        policy.extend(&mut alone, &more).unwrap();
+        for i in 0..n {
+            let d = max_abs_diff(&done.rows.logits(i), &alone.logits(i));
+            assert!(
+                d < 1e-4,
+                "request {k}, row {i}: continued logits differ by {d}"
+            );
+        }
+    }
+}
+
+/// Trees in flight through the inference service are a speed switch: each
+/// problem's tree, searched concurrently with others and batched with them,
+/// is the one a search of that problem alone builds with the same stream.
+#[test]
+fn trees_searched_together_through_the_service_equal_trees_searched_alone() {
+    use medzero::rollout::meds3::MctsRollout;
+    use medzero::runtime::service::ServiceConfig;
+    let (world, policy) = (world(), policy());
+    let rollout = MctsRollout {
+        mcts: mcts_cfg(),
+        generation: generation(true, 1.0),
+        template: PromptTemplate::Plain,
+        iteration: 0,
+    };
+    let problems: Vec<_> = world.train.iter().take(5).collect();
+    let rng = |i: usize| medzero::runtime::actor::problem_rng(7, i);
+    let alone: Vec<Tree> = problems
+        .iter()
+        .enumerate()
+        .map(|(i, p)| rollout.search(&policy, p, &mut rng(i)).unwrap().0)
+        .collect();
+    let (together, stats) = rollout
+        .search_many(
+            &policy,
+            &problems,
+            (0..problems.len()).map(rng).collect(),
+            4,
+            ServiceConfig { merge_every: 2 },
+        )
+        .unwrap();
+    assert!(
+        stats.mean_batch > 4.0,
+        "the trees were not batched: {stats:?}"
+    );
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert!(
+            a.nodes.len() > 5,
+            "problem {i}: a tree of {} nodes",
+            a.nodes.len()
+        );
+        assert_eq!(texts(a), texts(&b.tree), "problem {i}: the trees differ");
+        assert_eq!(a, &b.tree, "problem {i}: the trees differ");
+    }
+}

@@ -357,3 +357,48 @@ fn a_stage_takes_trajectories_fed_from_outside() {
         "outside records were rewritten"
     );
 }
+
+/// `runtime.placement = "shared"` is a speed switch: in sync mode two actors
+/// generating through one inference service (which takes each round's
+/// weights between decode steps) store the trajectories two actors with
+/// their own copies store, stamped with the same versions, and the learner
+/// ends with the same weights.
+#[test]
+fn shared_placement_stores_and_trains_what_per_actor_copies_do() {
+    let run = |placement: &str| {
+        let r = setup(|c| {
+            c.replace(
+                "[stages.runtime]\n",
+                &format!(
+                    "[stages.runtime]\nmode = \"sync\"\nactors = 2\nplacement = \"{placement}\"\n"
+                ),
+            )
+            .replace("[run]\n", "[run]\ndeterministic = false\n")
+        });
+        run_to_end(&r, &[]);
+        assert_complete_and_unique(&r.stage);
+        let mut stored: Vec<Json> = std::fs::read_to_string(r.stage.join("trajectories.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let t: Json = serde_json::from_str(l).unwrap();
+                serde_json::json!([t["id"], t["tokens"], t["reward"], t["policy_version"]])
+            })
+            .collect();
+        stored.sort_by_key(|t| t[0].as_str().unwrap().to_string());
+        let model = std::fs::read(r.stage.join("model/model.safetensors")).unwrap();
+        (stored, model, report(&r.stage), r)
+    };
+    let (own, own_model, _, _r1) = run("per_actor");
+    let (served, served_model, rep, _r2) = run("shared");
+    assert_eq!(served, own, "the service generated other trajectories");
+    assert!(
+        served_model == own_model,
+        "the service's run trained other weights"
+    );
+    let service = &rep["service"];
+    assert!(service["decode_requests"].as_u64() > Some(0), "{rep}");
+    // Rounds 2 to 12 each start with a swap; round 1 runs on the loaded
+    // weights, and the last publication serves no request.
+    assert_eq!(service["weight_swaps"], 11, "{rep}");
+}

@@ -195,6 +195,15 @@ fn every_setting_is_checked_before_the_first_stage_runs() {
         ("stages.6.mcts.max_nodes=0", &["stage 6", "max_nodes"]),
         ("stages.10.learner.lr=-1", &["stage 10", "lr"]),
         ("run.threads=100000", &["run.threads"]),
+        // MedCritical's self-corrections need a model per actor.
+        (
+            "stages.9.runtime.placement=shared",
+            &["stage 9", "placement", "per_actor"],
+        ),
+        (
+            "stages.10.runtime.placement=everywhere",
+            &["stages[10]", "everywhere", "per_actor"],
+        ),
     ];
     for (set, wants) in cases {
         // Failing before the first stage is what makes it fast (a timed

@@ -157,6 +157,68 @@ impl KvCache {
         }
     }
 
+    /// One cache holding the rows of several: `parts[i]` names a cache and
+    /// which of its rows to take (repeats allowed), stacked in order along
+    /// the batch. Rows are right-aligned so they share the write column:
+    /// each part keeps only the columns its rows still use, the space before
+    /// them is invalid padding, and `room` more columns stay free. Keys
+    /// carry their positions already (RoPE is applied before caching), so
+    /// moving columns changes nothing a row attends to.
+    pub fn stack(parts: &[(&KvCache, &[i64])], room: i64) -> KvCache {
+        let first = parts.first().expect("stack: at least one part").0;
+        let device = first.valid.device();
+        let indices: Vec<Tensor> = parts
+            .iter()
+            .map(|(_, rows)| Tensor::from_slice(rows).to_device(device))
+            .collect();
+        // The columns each part's rows use: from the first valid one on.
+        let spans: Vec<i64> = parts
+            .iter()
+            .zip(&indices)
+            .map(|((c, rows), idx)| {
+                if c.len == 0 || rows.is_empty() {
+                    return 0;
+                }
+                let used = c
+                    .valid
+                    .narrow(1, 0, c.len)
+                    .index_select(0, idx)
+                    .any_dim(0, false);
+                let used = Vec::<bool>::try_from(used.to_device(Device::Cpu)).unwrap_or_default();
+                used.iter().position(|&u| u).map_or(0, |p| c.len - p as i64)
+            })
+            .collect();
+        let len = spans.iter().copied().max().unwrap_or(0);
+        let batch: i64 = parts.iter().map(|(_, r)| r.len() as i64).sum();
+        let capacity = len + room.max(0);
+        // Stacks one buffer (picked from each part by `of`) along the batch.
+        let stacked = |of: &dyn Fn(&KvCache) -> &Tensor, dim: i64| {
+            let mut shape = of(first).size();
+            shape[0] = batch;
+            shape[dim as usize] = capacity;
+            let out = Tensor::zeros(&shape, (of(first).kind(), device));
+            let mut at = 0;
+            for (((c, rows), idx), &span) in parts.iter().zip(&indices).zip(&spans) {
+                let b = rows.len() as i64;
+                if b > 0 && span > 0 {
+                    let from = of(c).narrow(dim, c.len - span, span).index_select(0, idx);
+                    out.narrow(0, at, b)
+                        .narrow(dim, len - span, span)
+                        .copy_(&from);
+                }
+                at += b;
+            }
+            out
+        };
+        let layers = first.k.len();
+        KvCache {
+            k: (0..layers).map(|l| stacked(&|c| &c.k[l], 2)).collect(),
+            v: (0..layers).map(|l| stacked(&|c| &c.v[l], 2)).collect(),
+            valid: stacked(&|c| &c.valid, 1),
+            len,
+        }
+    }
+
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> i64 {
         let per = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;

@@ -7,6 +7,7 @@
 //! - [`chat_template`]: a model's own Jinja chat template, as HF renders it;
 //! - [`rows`], [`generate`]: batched cached generation over rows that hold
 //!   their exact token ids, sampling with a random stream per row, prefix forking;
+//! - [`engine`]: continuous batching of many decode requests on one model copy;
 //! - [`policy`]: the handle actors and the learner use;
 //! - [`prm`]: the process reward model's 2-class head;
 //! - [`optim`]: AdamW with exportable state, LR schedules, gradient clipping;
@@ -15,6 +16,7 @@
 
 pub mod chat_template;
 pub mod device;
+pub mod engine;
 pub mod generate;
 mod kv_cache;
 pub mod llama;

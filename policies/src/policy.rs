@@ -591,7 +591,7 @@ impl Policy {
 
     /// Logits over the tokenizer's tokens only: HF models often pad the
     /// embedding past the vocabulary, and those ids decode to nothing.
-    fn known(&self, logits: &Tensor) -> Tensor {
+    pub(crate) fn known(&self, logits: &Tensor) -> Tensor {
         let vocab = self.tokenizer.vocab_size() as i64;
         if logits.size()[1] > vocab {
             logits.narrow(1, 0, vocab)
@@ -602,7 +602,7 @@ impl Policy {
 
     /// The tokens that may not follow each of `prev` [B, vocab], when the
     /// tokenizer constrains sampling to canonical sequences.
-    fn forbidden(&self, prev: &[i64], params: &SamplingParams) -> Option<Tensor> {
+    pub(crate) fn forbidden(&self, prev: &[i64], params: &SamplingParams) -> Option<Tensor> {
         let canonical = self.tokenizer.canonical()?;
         let v = self.tokenizer.vocab_size() as i64;
         let stops: &[i64] = if params.ignore_eos {
@@ -618,7 +618,7 @@ impl Policy {
     }
 
     /// Appends a sampled token; true when it ends the sequence.
-    fn record(
+    pub(crate) fn record(
         &self,
         g: &mut Generation,
         token: i64,
@@ -641,7 +641,7 @@ impl Policy {
     }
 
     /// Decodes each generation, cutting it before its stop string.
-    fn finish_texts(&self, out: &mut [Generation]) {
+    pub(crate) fn finish_texts(&self, out: &mut [Generation]) {
         for g in out {
             g.text = self.tokenizer.decode(&g.tokens).unwrap_or_default();
             if let Finish::Stop(s) = &g.finish

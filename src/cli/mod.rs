@@ -59,6 +59,10 @@ enum Command {
         /// DPO rows beside transformers and TRL on the same folder.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Only these row groups (repeatable): decode, learner, mcts,
+        /// service, queue, runtime.
+        #[arg(long)]
+        only: Vec<String>,
     },
 }
 
@@ -251,7 +255,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             no_peer,
             threads,
             model,
-        } => bench::command(json, no_peer, threads, model),
+            only,
+        } => bench::command(json, no_peer, threads, model, only),
     }
 }
 

@@ -9,17 +9,20 @@
 //! A chain-trained student writes the whole text itself, root included.
 
 use super::mcts::{self, Expand, MctsConfig, Meds3Record, NodeId, StepModel, Tree};
-use crate::runtime::actor::{Rolled, Rollout};
+use crate::runtime::actor::{Rolled, ServedRollout};
+use crate::runtime::service::{self, Generate, ServiceConfig, ServiceStats};
 use anyhow::{Context, Result, bail};
 use medzero_envs::{Problem, Provenance, Step, Trajectory};
 use medzero_policies::generate::streams;
 use medzero_policies::tokenizer::PromptTemplate;
-use medzero_policies::{Policy, Rows, SamplingParams, SyncReport};
+use medzero_policies::{Policy, SamplingParams, SyncReport};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::Tensor;
 
 /// How the policy writes steps and rollouts inside the search.
@@ -87,28 +90,28 @@ const STEP_BREAK: &str = "\n\nStep";
 /// The rows continuing the children of one expanded node, in child order.
 /// A child's row is brought to exactly its text (`sync`) the first time the
 /// search continues it, once the tree has its text.
-struct Children {
-    rows: Rows,
+struct Children<R> {
+    rows: R,
     synced: Vec<bool>,
 }
 
-type Shared = Rc<RefCell<Children>>;
+type Shared<R> = Rc<RefCell<Children<R>>>;
 
-/// [`StepModel`] on a policy. With prefix reuse, the children of a node are
+/// [`StepModel`] on a policy, local or behind the inference service. With prefix reuse, the children of a node are
 /// the rows of one batch that continue from its cached row, so expanding or
 /// rolling out a child never recomputes its prefix; before a row is
 /// continued it is synced to the token ids of `prompt + render_prefix(child)`,
 /// so the model always continues from exactly the text the tree holds.
-pub struct PolicySteps<'a> {
-    policy: &'a Policy,
+pub struct PolicySteps<'a, G: Generate = Policy> {
+    policy: &'a G,
     generation: &'a StepGeneration,
     rng: &'a mut ChaCha8Rng,
     /// The question as the student's template renders it.
     prompt: String,
     end_of_turn: i64,
-    root: Option<Shared>,
+    root: Option<Shared<G::Rows>>,
     /// The rows holding each expanded node's children.
-    children: HashMap<NodeId, Shared>,
+    children: HashMap<NodeId, Shared<G::Rows>>,
     /// Tokens generated so far.
     pub generated: u64,
     /// Rows whose sampled ids were not the ids of their own text (so they
@@ -116,9 +119,9 @@ pub struct PolicySteps<'a> {
     pub resynced: SyncReport,
 }
 
-impl<'a> PolicySteps<'a> {
+impl<'a, G: Generate> PolicySteps<'a, G> {
     pub fn new(
-        policy: &'a Policy,
+        policy: &'a G,
         generation: &'a StepGeneration,
         template: PromptTemplate,
         problem: &Problem,
@@ -129,7 +132,7 @@ impl<'a> PolicySteps<'a> {
             generation,
             rng,
             prompt: template.render(&problem.prompt_text()),
-            end_of_turn: policy.tokenizer.end_of_turn_id(&template),
+            end_of_turn: policy.tokenizer().end_of_turn_id(&template),
             root: None,
             children: HashMap::new(),
             generated: 0,
@@ -140,11 +143,11 @@ impl<'a> PolicySteps<'a> {
     /// The token ids of the whole text before `node`'s next step.
     fn target(&self, tree: &Tree, node: NodeId) -> Result<Vec<i64>> {
         let text = format!("{}{}", self.prompt, tree.render_prefix(node));
-        Ok(self.policy.tokenizer.encode(&text)?)
+        Ok(self.policy.tokenizer().encode(&text)?)
     }
 
     /// A fresh prefill of the whole text before `node`'s next step.
-    fn prefill(&self, tree: &Tree, node: NodeId) -> Result<Shared> {
+    fn prefill(&self, tree: &Tree, node: NodeId) -> Result<Shared<G::Rows>> {
         let rows = self.policy.prefill(&[self.target(tree, node)?], 0)?;
         Ok(Rc::new(RefCell::new(Children {
             rows,
@@ -153,7 +156,7 @@ impl<'a> PolicySteps<'a> {
     }
 
     /// The rows continuing `node`, and which row, synced to `node`'s text.
-    fn state(&mut self, tree: &Tree, node: NodeId) -> Result<(Shared, usize)> {
+    fn state(&mut self, tree: &Tree, node: NodeId) -> Result<(Shared<G::Rows>, usize)> {
         if !self.generation.prefix_reuse {
             return Ok((self.prefill(tree, node)?, 0));
         }
@@ -196,16 +199,17 @@ impl<'a> PolicySteps<'a> {
     pub fn cached_row(&mut self, tree: &Tree, node: NodeId) -> Result<CachedRow> {
         let (shared, row) = self.state(tree, node)?;
         let children = shared.borrow();
+        let ids = self.policy.ids(&children.rows, row).to_vec();
         Ok(CachedRow {
-            ids: children.rows.ids(row).to_vec(),
-            position: children.rows.position(row),
-            logits: children.rows.logits(row),
+            position: ids.len() as i64,
+            ids,
+            logits: self.policy.row_logits(&children.rows, row)?,
         })
     }
 
-    fn check_room(&self, rows: &Rows, row: usize, node: NodeId) -> Result<()> {
-        let context = self.policy.config().max_position_embeddings;
-        if context - rows.position(row) < 2 {
+    fn check_room(&self, rows: &G::Rows, row: usize, node: NodeId) -> Result<()> {
+        let context = self.policy.context();
+        if context - (self.policy.ids(rows, row).len() as i64) < 2 {
             bail!(
                 "node {node}: the reasoning so far fills the model's context of {context} tokens; \
                  lower mcts.max_depth or the generation budgets"
@@ -224,7 +228,7 @@ pub struct CachedRow {
     pub logits: Tensor,
 }
 
-impl StepModel for PolicySteps<'_> {
+impl<G: Generate> StepModel for PolicySteps<'_, G> {
     fn expand(&mut self, tree: &Tree, node: NodeId, how: Expand) -> Result<Vec<String>> {
         let (base, row) = self.state(tree, node)?;
         // Finish writes the rest of the chain up to its answer as one node:
@@ -236,11 +240,12 @@ impl StepModel for PolicySteps<'_> {
             Expand::Finish => (1, "", self.generation.rollout_max_tokens, false),
             Expand::Reflect => (1, "But wait,", self.generation.step_max_tokens, true),
         };
-        let forced_ids = self.policy.tokenizer.encode(forced)?;
+        let forced_ids = self.policy.tokenizer().encode(forced)?;
         let mut rows = {
             let base = base.borrow();
             self.check_room(&base.rows, row, node)?;
-            base.rows.select(&vec![row; k], forced_ids.len() + budget)
+            self.policy
+                .select(&base.rows, &vec![row; k], forced_ids.len() + budget)?
         };
         if !forced_ids.is_empty() {
             self.policy.extend(&mut rows, &vec![forced_ids; k])?;
@@ -259,8 +264,9 @@ impl StepModel for PolicySteps<'_> {
             stop_token_ids: vec![self.end_of_turn],
             ..SamplingParams::default()
         };
-        let mut streams = streams(self.rng, k);
-        let outs = self.policy.decode(&mut rows, &params, &mut streams);
+        let outs = self
+            .policy
+            .decode(&mut rows, &params, streams(self.rng, k))?;
         self.generated += outs.iter().map(|g| g.tokens.len() as u64).sum::<u64>();
         if self.generation.prefix_reuse {
             self.children.insert(
@@ -303,7 +309,9 @@ impl StepModel for PolicySteps<'_> {
         // Requests continuing rows of one batch (the children of one node)
         // run as one batch; others run one after the other.
         let mut out: Vec<Vec<String>> = vec![Vec::new(); requests.len()];
-        let mut groups: Vec<(Shared, Vec<(usize, usize)>)> = Vec::new();
+        // Each batch of rows, with the (request, row) pairs continuing it.
+        type Members = Vec<(usize, usize)>;
+        let mut groups: Vec<(Shared<G::Rows>, Members)> = Vec::new();
         for (i, &(node, _)) in requests.iter().enumerate() {
             let (rows, row) = self.state(tree, node)?;
             match groups.iter_mut().find(|(r, _)| Rc::ptr_eq(r, &rows)) {
@@ -322,13 +330,14 @@ impl StepModel for PolicySteps<'_> {
             let mut rows = {
                 let base = shared.borrow();
                 self.check_room(&base.rows, picked[0], requests[members[0].0].0)?;
-                base.rows.select(&picked, params.max_new_tokens)
+                self.policy
+                    .select(&base.rows, &picked, params.max_new_tokens)?
             };
-            let mut rngs: Vec<ChaCha8Rng> = members
+            let rngs: Vec<ChaCha8Rng> = members
                 .iter()
                 .flat_map(|&(i, _)| std::mem::take(&mut streams[i]))
                 .collect();
-            let outs = self.policy.decode(&mut rows, &params, &mut rngs);
+            let outs = self.policy.decode(&mut rows, &params, rngs)?;
             self.generated += outs.iter().map(|g| g.tokens.len() as u64).sum::<u64>();
             let mut texts = outs.into_iter().map(|g| g.text);
             for &(i, _) in &members {
@@ -395,12 +404,12 @@ fn step_numbers(text: &str) -> Vec<usize> {
 
 impl MctsRollout {
     /// The search tree of `problem`, and the step model's counts.
-    pub fn search<'a>(
+    pub fn search<'a, G: Generate>(
         &'a self,
-        policy: &'a Policy,
+        policy: &'a G,
         problem: &Problem,
         rng: &'a mut ChaCha8Rng,
-    ) -> Result<(Tree, PolicySteps<'a>)> {
+    ) -> Result<(Tree, PolicySteps<'a, G>)> {
         let mut model = PolicySteps::new(
             policy,
             &self.generation,
@@ -411,6 +420,78 @@ impl MctsRollout {
         let tree = mcts::search(problem, &self.mcts, &mut model, self.iteration)?;
         Ok((tree, model))
     }
+
+    /// The searches of many problems through one inference service on
+    /// `policy`: `trees_in_flight` trees advance at once, each on its own
+    /// thread with its own random stream, and their decode requests share
+    /// one continuously batched forward pass. Problem i's tree is the one
+    /// [`search`](Self::search) builds with `rngs[i]`.
+    pub fn search_many(
+        &self,
+        policy: &Policy,
+        problems: &[&Problem],
+        rngs: Vec<ChaCha8Rng>,
+        trees_in_flight: usize,
+        cfg: ServiceConfig,
+    ) -> Result<(Vec<Searched>, ServiceStats)> {
+        assert_eq!(
+            rngs.len(),
+            problems.len(),
+            "search_many: one stream per problem"
+        );
+        let (client, inbox) =
+            service::channel(&policy.tokenizer, policy.config().max_position_embeddings);
+        let work: Vec<Mutex<Option<ChaCha8Rng>>> =
+            rngs.into_iter().map(|r| Mutex::new(Some(r))).collect();
+        let done: Vec<Mutex<Option<Result<Searched>>>> =
+            problems.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let stats = std::thread::scope(|s| {
+            for _ in 0..trees_in_flight.clamp(1, problems.len().max(1)) {
+                let client = client.clone();
+                let (work, done, next) = (&work, &done, &next);
+                s.spawn(move || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= problems.len() {
+                            break;
+                        }
+                        let mut rng = lock(&work[i]).take().expect("each problem taken once");
+                        let searched =
+                            self.search(&client, problems[i], &mut rng)
+                                .map(|(tree, model)| Searched {
+                                    generated: model.generated,
+                                    resynced: model.resynced,
+                                    tree,
+                                });
+                        *lock(&done[i]) = Some(searched);
+                    }
+                });
+            }
+            drop(client);
+            service::serve(policy, inbox, None, cfg)
+        })?;
+        let trees = done
+            .into_iter()
+            .map(|d| {
+                d.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .expect("every problem searched")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((trees, stats))
+    }
+}
+
+/// One tree of [`MctsRollout::search_many`], with its step model's counts.
+pub struct Searched {
+    pub tree: Tree,
+    pub generated: u64,
+    pub resynced: SyncReport,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One search per problem, as an actor rollout: the trajectory holds the
@@ -423,12 +504,17 @@ pub struct MctsRollout {
     pub iteration: usize,
 }
 
-impl Rollout for MctsRollout {
+impl ServedRollout for MctsRollout {
     fn ids(&self, problem: &Problem) -> Vec<String> {
         vec![format!("{}/mcts", problem.id)]
     }
 
-    fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
+    fn roll<G: Generate>(
+        &self,
+        policy: &G,
+        problem: &Problem,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Rolled> {
         let (tree, model) = self.search(policy, problem, rng)?;
         let record = Meds3Record::from_tree(problem, &tree);
         let best = record

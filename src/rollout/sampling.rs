@@ -3,11 +3,12 @@
 //! reward. The student attempts of rejection sampling, MedThink and
 //! MedCritical are this rollout.
 
-use crate::runtime::{Rolled, Rollout};
+use crate::runtime::actor::{Rolled, ServedRollout};
+use crate::runtime::service::{self, Generate};
 use anyhow::{Result, bail};
 use medzero_envs::{Problem, Provenance, Trajectory, parse_chain, verify};
+use medzero_policies::SamplingParams;
 use medzero_policies::tokenizer::PromptTemplate;
-use medzero_policies::{Policy, SamplingParams};
 use medzero_rewards::{Reward, RewardError};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -75,21 +76,27 @@ pub struct Sampler<R: Reward> {
     pub reward: R,
 }
 
-impl<R: Reward> Rollout for Sampler<R> {
+impl<R: Reward> ServedRollout for Sampler<R> {
     fn ids(&self, problem: &Problem) -> Vec<String> {
         (0..self.cfg.samples)
             .map(|k| format!("{}/s{k:03}", problem.id))
             .collect()
     }
 
-    fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
+    fn roll<G: Generate>(
+        &self,
+        policy: &G,
+        problem: &Problem,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Rolled> {
         let params = self
             .cfg
-            .params(policy.tokenizer.end_of_turn_id(&self.template));
+            .params(policy.tokenizer().end_of_turn_id(&self.template));
         let prompt = policy
-            .tokenizer
+            .tokenizer()
             .encode(&self.template.render(&problem.prompt_text()))?;
-        let outs = policy.sample_n_batched(
+        let outs = service::sample_n_batched(
+            policy,
             &prompt,
             self.cfg.samples,
             self.cfg.batch_size,

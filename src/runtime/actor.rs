@@ -1,13 +1,16 @@
-//! Actor threads: each owns a policy copy and runs a pluggable [`Rollout`] on
-//! problems from the shared [`ProblemSource`], pushing the trajectories into
-//! the bounded queue to the learner. Between rollouts an actor adopts the
-//! newest published weights; a rollout that panics is caught, the actor
-//! rebuilt from the current weights and the problem handed back.
+//! Actor threads run a pluggable [`Rollout`] on problems from the shared
+//! [`ProblemSource`], pushing the trajectories into the bounded queue to the
+//! learner. An actor either owns a policy copy (`runtime.placement =
+//! "per_actor"`), adopting the newest published weights between rollouts,
+//! or generates through the inference service (`"shared"`), which holds the
+//! one copy and swaps weights itself. A rollout that panics is caught, the
+//! actor rebuilt from the current weights and the problem handed back.
 
 use super::queue::TrajectoryQueue;
+use super::service::{Client, Generate};
 use super::source::{Next, ProblemSource, WorkItem};
 use super::weights::WeightSlot;
-use anyhow::Result;
+use anyhow::{Result, bail};
 use crossbeam::utils::{Backoff, CachePadded};
 use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
@@ -29,6 +32,67 @@ pub trait Rollout: Send + Sync {
     /// The trajectories of one problem. The actor stamps each with its policy
     /// version and name afterwards.
     fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled>;
+
+    /// Whether [`rollout_served`](Self::rollout_served) is implemented: the
+    /// rollout generates only through [`Generate`](super::service::Generate).
+    fn servable(&self) -> bool {
+        false
+    }
+
+    /// [`rollout`](Self::rollout) through the inference service, with the
+    /// same trajectories for the same random stream.
+    fn rollout_served(
+        &self,
+        client: &Client,
+        problem: &Problem,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Rolled> {
+        let _ = (client, problem, rng);
+        bail!("this rollout needs a model of its own: use runtime.placement = \"per_actor\"")
+    }
+}
+
+/// A rollout that generates only through [`Generate`], so it runs on an
+/// actor's own policy and through the inference service alike, with the same
+/// trajectories for the same random stream.
+pub trait ServedRollout: Send + Sync {
+    /// As [`Rollout::ids`].
+    fn ids(&self, problem: &Problem) -> Vec<String>;
+    fn roll<G: Generate>(
+        &self,
+        model: &G,
+        problem: &Problem,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Rolled>;
+}
+
+impl<T: ServedRollout> Rollout for T {
+    fn ids(&self, problem: &Problem) -> Vec<String> {
+        ServedRollout::ids(self, problem)
+    }
+    fn rollout(&self, policy: &Policy, problem: &Problem, rng: &mut ChaCha8Rng) -> Result<Rolled> {
+        self.roll(policy, problem, rng)
+    }
+    fn servable(&self) -> bool {
+        true
+    }
+    fn rollout_served(
+        &self,
+        client: &Client,
+        problem: &Problem,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Rolled> {
+        self.roll(client, problem, rng)
+    }
+}
+
+/// Where an actor's generations come from.
+pub enum Model<'a> {
+    /// A policy copy of its own, made by this (any weights: the current
+    /// snapshot is copied in).
+    Own(&'a (dyn Fn() -> Result<Policy> + Sync)),
+    /// The inference service.
+    Served(Client<'a>),
 }
 
 /// What one rollout produced.
@@ -104,20 +168,20 @@ pub struct Shared<'a> {
     pub inject_panic_every: usize,
 }
 
-/// Runs actor `id` until the source is done or the queue closed. `build`
-/// makes a fresh policy (any weights; the current snapshot is copied in).
-pub fn run(
-    id: usize,
-    shared: &Shared,
-    stats: &Stats,
-    build: &(dyn Fn() -> Result<Policy> + Sync),
-) -> Result<()> {
+/// Runs actor `id` until the source is done or the queue closed.
+pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()> {
     if shared.threads > 0 {
         // OpenMP's thread count is per calling thread: this sets the actor's own.
         tch::set_num_threads(shared.threads as i32);
     }
     let name = format!("actor-{id}");
-    let (mut policy, mut version) = restart(shared, build)?;
+    let (mut own, mut version) = match &model {
+        Model::Own(build) => {
+            let (p, v) = restart(shared, *build)?;
+            (Some(p), v)
+        }
+        Model::Served(_) => (None, shared.slot.version()),
+    };
     stats.version.store(version, Ordering::Relaxed);
     let backoff = Backoff::new();
     loop {
@@ -138,11 +202,22 @@ pub fn run(
         backoff.reset();
         // Checked after taking the item: a round's weights are published
         // before its items are released, so this sees them.
-        if let Some(s) = shared.slot.newer_than(version) {
-            s.apply(&policy)?;
-            version = s.version;
-            stats.version.store(version, Ordering::Relaxed);
+        match (&own, &model) {
+            (Some(policy), _) => {
+                if let Some(s) = shared.slot.newer_than(version) {
+                    s.apply(policy)?;
+                    version = s.version;
+                }
+            }
+            // The service swaps weights itself; a rollout is stamped with the
+            // oldest version that served it (or the current one, if none did).
+            (None, Model::Served(client)) => {
+                client.take_oldest_version();
+                version = shared.slot.version();
+            }
+            (None, Model::Own(_)) => unreachable!("an own model is built at start"),
         }
+        stats.version.store(version, Ordering::Relaxed);
         let problem = &shared.problems[item.index];
         let mut rng = problem_rng(shared.seed, item.index);
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -152,8 +227,19 @@ pub fn run(
             {
                 panic!("injected fault (runtime.inject_panic_every)");
             }
-            shared.rollout.rollout(&policy, problem, &mut rng)
+            match (&own, &model) {
+                (Some(policy), _) => shared.rollout.rollout(policy, problem, &mut rng),
+                (None, Model::Served(client)) => {
+                    shared.rollout.rollout_served(client, problem, &mut rng)
+                }
+                (None, Model::Own(_)) => unreachable!("an own model is built at start"),
+            }
         }));
+        if let Model::Served(client) = &model
+            && let Some(v) = client.take_oldest_version()
+        {
+            version = v;
+        }
         let msg = match outcome {
             Ok(Ok(Rolled {
                 mut trajectories,
@@ -193,8 +279,11 @@ pub fn run(
                         ""
                     }
                 );
-                (policy, version) = restart(shared, build)?;
-                stats.version.store(version, Ordering::Relaxed);
+                if let Model::Own(build) = &model {
+                    let (p, v) = restart(shared, *build)?;
+                    (own, version) = (Some(p), v);
+                    stats.version.store(version, Ordering::Relaxed);
+                }
                 if retry {
                     shared.source.retry(item);
                     continue;

@@ -18,8 +18,9 @@
 //! its own random stream, so a sync round's data does not depend on which
 //! actor did what. `deterministic` is `sync` with one actor.
 
-use super::actor::{self, ActorMsg, Rollout, Stats};
+use super::actor::{self, ActorMsg, Model, Rollout, Stats};
 use super::queue::TrajectoryQueue;
+use super::service::{self, ServiceConfig};
 use super::source::ProblemSource;
 use super::store::{STORE_FILE, TrajectoryStore, read_trajectories};
 use super::weights::{PolicySnapshot, WeightSlot};
@@ -48,10 +49,25 @@ pub enum Mode {
     Async,
 }
 
+/// Where actors' models live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Each actor owns a policy copy and decodes its own batches.
+    PerActor,
+    /// One inference service holds the only copy and batches every actor's
+    /// decode steps together; actors are threads without a model.
+    Shared,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     pub mode: Mode,
+    pub placement: Placement,
+    /// `shared`: decode steps between admissions of waiting requests into
+    /// the service's batch.
+    pub merge_every: usize,
     /// Actor threads (`deterministic` uses one).
     pub actors: usize,
     /// libtorch intra-op threads per actor (0: libtorch's default).
@@ -77,6 +93,8 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             mode: Mode::Deterministic,
+            placement: Placement::PerActor,
+            merge_every: ServiceConfig::default().merge_every,
             actors: 2,
             actor_threads: 1,
             learner_threads: 0,
@@ -94,8 +112,8 @@ impl RuntimeConfig {
         if self.actors == 0 || self.queue_capacity == 0 || self.round_size == 0 {
             bail!("runtime: actors, queue_capacity and round_size must be positive");
         }
-        if self.publish_every == 0 {
-            bail!("runtime: publish_every must be positive");
+        if self.publish_every == 0 || self.merge_every == 0 {
+            bail!("runtime: publish_every and merge_every must be positive");
         }
         // Far more than any machine has; far fewer than would exhaust stacks.
         if self.actors > 256 || self.actor_threads > 1024 || self.learner_threads > 1024 {
@@ -221,6 +239,8 @@ pub struct OnlineReport {
     /// Checkpointed learner step this run resumed from.
     pub resumed_from: Option<usize>,
     pub wall_s: f64,
+    /// `shared` placement: what the inference service did in this run.
+    pub service: Option<service::ServiceStats>,
 }
 
 /// Totals kept in the checkpoint, so they survive a resume.
@@ -381,22 +401,64 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         .filter(|t| learner.objective.accepts(t))
         .count();
 
+    let served = s.runtime.placement == Placement::Shared;
+    if served && !s.rollout.servable() {
+        bail!(
+            "{}: this stage's rollout needs a model per actor; set runtime.placement = \"per_actor\"",
+            s.name
+        );
+    }
+    let (client, inbox) = if served {
+        let (c, i) = service::channel(
+            &s.policy.tokenizer,
+            s.policy.config().max_position_embeddings,
+        );
+        (Some(c), Some(i))
+    } else {
+        (None, None)
+    };
+    let mut service_stats = None;
     let outcome = std::thread::scope(|scope| {
+        // The service gets the cores the actors would have had.
+        let service = inbox.map(|inbox| {
+            let (slot, build) = (&slot, s.build_actor_policy);
+            let threads = s.runtime.actor_threads * n_actors;
+            let cfg = ServiceConfig {
+                merge_every: s.runtime.merge_every,
+            };
+            std::thread::Builder::new()
+                .name("inference".into())
+                .spawn_scoped(scope, move || {
+                    if threads > 0 {
+                        tch::set_num_threads(threads as i32);
+                    }
+                    let policy = build()?;
+                    slot.current().apply(&policy)?;
+                    service::serve(&policy, inbox, Some(slot), cfg)
+                })
+                .expect("spawning the inference service")
+        });
         let handles: Vec<_> = stats
             .iter()
             .enumerate()
             .map(|(id, st)| {
-                let (shared, alive, build) = (&shared, &alive, s.build_actor_policy);
+                let (shared, alive) = (&shared, &alive);
+                let model = match &client {
+                    Some(c) => Model::Served(c.clone()),
+                    None => Model::Own(s.build_actor_policy),
+                };
                 std::thread::Builder::new()
                     .name(format!("actor-{id}"))
                     .spawn_scoped(scope, move || {
-                        let r = actor::run(id, shared, st, build);
+                        let r = actor::run(id, shared, st, model);
                         alive.fetch_sub(1, Ordering::AcqRel);
                         r
                     })
                     .expect("spawning an actor thread")
             })
             .collect();
+        // The service stops once the actors' clients are gone.
+        drop(client);
         let result = learner.drive(&source, &queue, &todo, round_size, &alive, s.stop);
         learner.tick(&queue, true);
         source.stop();
@@ -407,6 +469,13 @@ pub fn run(s: Online) -> Result<OnlineReport> {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => actor_errors.push(format!("actor-{id}: {e:#}")),
                 Err(_) => actor_errors.push(format!("actor-{id} panicked outside a rollout")),
+            }
+        }
+        if let Some(h) = service {
+            match h.join() {
+                Ok(Ok(stats)) => service_stats = Some(stats),
+                Ok(Err(e)) => actor_errors.push(format!("inference service: {e:#}")),
+                Err(_) => actor_errors.push("the inference service panicked".into()),
             }
         }
         match result {
@@ -427,6 +496,7 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         counters: learner.counters.clone(),
         resumed_from,
         wall_s: learner.elapsed_before + started.elapsed().as_secs_f64(),
+        service: service_stats,
     };
     if stopped {
         bail!(

@@ -14,6 +14,7 @@ use medzero_policies::Policy;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 use tch::Tensor;
 
 /// A tensor that is never written after construction.
@@ -27,12 +28,15 @@ unsafe impl Sync for Frozen {}
 /// The learner's weights at one version.
 pub struct PolicySnapshot {
     pub version: u64,
+    /// When the capture began (right after the optimizer step).
+    pub captured: Instant,
     tensors: HashMap<String, Frozen>,
 }
 
 impl PolicySnapshot {
     /// Copies every variable of `policy` (on its device), detached.
     pub fn capture(policy: &Policy, version: u64) -> PolicySnapshot {
+        let captured = Instant::now();
         let tensors = tch::no_grad(|| {
             policy
                 .named_parameters()
@@ -40,7 +44,11 @@ impl PolicySnapshot {
                 .map(|(name, t)| (name, Frozen(t.detach().copy())))
                 .collect()
         });
-        PolicySnapshot { version, tensors }
+        PolicySnapshot {
+            version,
+            captured,
+            tensors,
+        }
     }
 
     /// Writes the snapshot into `policy`'s variables (same names and shapes).

@@ -55,6 +55,10 @@ impl Stage for SearchStage {
         Some(&self.runtime)
     }
 
+    fn servable(&self) -> bool {
+        true
+    }
+
     fn validate(&self) -> Result<()> {
         required("init", &self.init)?;
         self.mcts.validate()?;

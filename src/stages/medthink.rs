@@ -237,6 +237,10 @@ impl Stage for CorrectionStage {
         Some(&self.runtime)
     }
 
+    fn servable(&self) -> bool {
+        true
+    }
+
     fn validate(&self) -> Result<()> {
         required("knowledge", &self.knowledge)?;
         self.sampling.validate().context("sampling")?;

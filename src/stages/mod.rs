@@ -57,6 +57,11 @@ pub trait Stage {
     fn runtime(&self) -> Option<&RuntimeConfig> {
         None
     }
+    /// Whether its rollout generates only through the inference service's
+    /// interface, so `runtime.placement = "shared"` can serve it.
+    fn servable(&self) -> bool {
+        false
+    }
     /// Every setting in range: called once at load, before any stage runs,
     /// so `run` can trust its settings.
     fn validate(&self) -> Result<()>;

@@ -188,6 +188,10 @@ macro_rules! preference_stage {
             fn runtime(&self) -> Option<&RuntimeConfig> {
                 Some(&self.0.runtime)
             }
+            // Self-corrections retry from prefixes on a model of their own.
+            fn servable(&self) -> bool {
+                self.0.pairs != PairBuilder::SelfCorrection
+            }
             fn validate(&self) -> Result<()> {
                 self.0.validate($loss)
             }

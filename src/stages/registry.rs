@@ -6,7 +6,7 @@
 
 // Every stage module, by its name.
 use super::*;
-use crate::runtime::Mode;
+use crate::runtime::{Mode, Placement};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +102,14 @@ pub fn validate(stages: &[StageSpec], deterministic: bool) -> Result<()> {
         }
         if let Some(rt) = stage.runtime() {
             rt.validate().with_context(at)?;
+            if rt.placement == Placement::Shared && !stage.servable() {
+                bail!(
+                    "{}: runtime.placement = \"shared\" serves sampling and search rollouts; \
+                     this stage's rollout runs forward passes of its own (advantages, \
+                     corrections) and needs \"per_actor\"",
+                    at()
+                );
+            }
             if deterministic && rt.mode == Mode::Async {
                 bail!(
                     "{}: run.deterministic is true but runtime.mode is async; use \"sync\" or \

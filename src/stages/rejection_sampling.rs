@@ -81,6 +81,10 @@ impl Stage for RejectionSamplingStage {
         Some(&self.runtime)
     }
 
+    fn servable(&self) -> bool {
+        true
+    }
+
     fn validate(&self) -> Result<()> {
         required("init", &self.init)?;
         self.sampling.validate().context("sampling")?;

@@ -40,7 +40,12 @@ pub struct BenchConfig {
     /// decode, prefill reuse, SFT and DPO rows only (the search and runtime
     /// rows run on SynthClinic's student).
     pub model: Option<PathBuf>,
+    /// Row groups to run (empty: all): see [`GROUPS`].
+    pub only: Vec<String>,
 }
+
+/// The row groups of the bench, in the order they run.
+pub const GROUPS: [&str; 6] = ["decode", "learner", "mcts", "service", "queue", "runtime"];
 
 impl Default for BenchConfig {
     fn default() -> Self {
@@ -59,11 +64,16 @@ impl Default for BenchConfig {
             repeats: 3,
             peer: true,
             model: None,
+            only: Vec::new(),
         }
     }
 }
 
 impl BenchConfig {
+    fn wants(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    }
+
     /// Sizes for a real model (SmolLM2-135M: 100x the quickstart student)
     /// that keep `bench --model` to minutes on two cores.
     pub fn for_model(dir: PathBuf) -> Self {
@@ -167,12 +177,20 @@ pub(super) fn command(
     no_peer: bool,
     threads: Option<usize>,
     model: Option<PathBuf>,
+    only: Vec<String>,
 ) -> Result<()> {
     let mut cfg = match model {
         Some(dir) => BenchConfig::for_model(crate::infra::io::resolve_model(&dir)?),
         None => BenchConfig::default(),
     };
     cfg.peer = !no_peer;
+    if let Some(g) = only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+        bail!(
+            "--only {g}: no such group; the groups are {}",
+            GROUPS.join(", ")
+        );
+    }
+    cfg.only = only;
     if let Some(t) = threads {
         if !(1..=1024).contains(&t) {
             bail!("--threads must be between 1 and 1024, got {t}");
@@ -224,7 +242,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         ratio: None,
     };
 
-    for &b in &cfg.batches {
+    for &b in cfg.batches.iter().filter(|_| cfg.wants("decode")) {
         let prompts = random_prompts(&mut rng, b, cfg.prompt_len, vocab);
         let mut r = ChaCha8Rng::seed_from_u64(1);
         let secs = best(cfg.repeats, || {
@@ -247,68 +265,82 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         ));
     }
 
-    // N continuations of one long prompt: prefill once and fork, against
-    // prefilling the same prompt N times.
-    let prompt = random_prompts(&mut rng, 1, cfg.prefix_len, vocab).remove(0);
-    let short = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(16)
-    };
-    let n = cfg.samples;
-    let mut r = ChaCha8Rng::seed_from_u64(2);
-    let forked = best(cfg.repeats, || {
-        Ok(policy.sample_n(&prompt, n, &short, &mut r).map(|_| ())?)
-    })?;
-    let copies = vec![prompt.clone(); n];
-    let recomputed = best(cfg.repeats, || {
-        Ok(policy.generate(&copies, &short, &mut r).map(|_| ())?)
-    })?;
-    let per_s = |secs: f64| n as f64 / secs;
-    // The peer column here is medzero without reuse: transformers has no fork.
-    rows.push(BenchRow {
-        name: format!(
-            "{n} samples of a {}-token prompt, forked prefix (peer: recomputed)",
-            cfg.prefix_len
-        ),
-        unit: "samples/s".into(),
-        medzero: per_s(forked),
-        peer: Some(per_s(recomputed)),
-        ratio: Some(recomputed / forked),
-    });
+    if cfg.wants("decode") {
+        // N continuations of one long prompt: prefill once and fork, against
+        // prefilling the same prompt N times.
+        let prompt = random_prompts(&mut rng, 1, cfg.prefix_len, vocab).remove(0);
+        let short = SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(16)
+        };
+        let n = cfg.samples;
+        let mut r = ChaCha8Rng::seed_from_u64(2);
+        let forked = best(cfg.repeats, || {
+            Ok(policy.sample_n(&prompt, n, &short, &mut r).map(|_| ())?)
+        })?;
+        let copies = vec![prompt.clone(); n];
+        let recomputed = best(cfg.repeats, || {
+            Ok(policy.generate(&copies, &short, &mut r).map(|_| ())?)
+        })?;
+        let per_s = |secs: f64| n as f64 / secs;
+        // The peer column here is medzero without reuse: transformers has no fork.
+        rows.push(BenchRow {
+            name: format!(
+                "{n} samples of a {}-token prompt, forked prefix (peer: recomputed)",
+                cfg.prefix_len
+            ),
+            unit: "samples/s".into(),
+            medzero: per_s(forked),
+            peer: Some(per_s(recomputed)),
+            ratio: Some(recomputed / forked),
+        });
+    }
 
-    // Learner: one SFT optimizer step (forward, backward, clip, AdamW).
-    let seqs = random_prompts(&mut rng, cfg.train_batch, cfg.train_len, vocab);
-    let (ids, mask) = pad_right(&seqs, 0);
-    let targets = mask.ones_like();
-    let mut opt = optimizer(&policy)?;
-    let secs = best(cfg.repeats, || {
-        for _ in 0..cfg.train_steps {
-            let loss = completion_nll_sum(&policy, &ids, &mask, &targets)
-                / (cfg.train_batch * (cfg.train_len - 1)) as f64;
-            loss.backward();
-            opt.clip_grad_norm(1.0);
-            opt.step(1e-4);
-            opt.zero_grad();
-        }
-        Ok(())
-    })?;
-    rows.push(BenchRow {
-        name: format!(
-            "SFT step, batch {} x {} tokens",
-            cfg.train_batch, cfg.train_len
-        ),
-        unit: "tokens/s".into(),
-        medzero: (cfg.train_steps * cfg.train_batch * cfg.train_len) as f64 / secs,
-        peer: None,
-        ratio: None,
-    });
-
-    rows.push(dpo_row(&policy, cfg)?);
+    if cfg.wants("learner") {
+        // Learner: one SFT optimizer step (forward, backward, clip, AdamW).
+        let seqs = random_prompts(&mut rng, cfg.train_batch, cfg.train_len, vocab);
+        let (ids, mask) = pad_right(&seqs, 0);
+        let targets = mask.ones_like();
+        let mut opt = optimizer(&policy)?;
+        let secs = best(cfg.repeats, || {
+            for _ in 0..cfg.train_steps {
+                let loss = completion_nll_sum(&policy, &ids, &mask, &targets)
+                    / (cfg.train_batch * (cfg.train_len - 1)) as f64;
+                loss.backward();
+                opt.clip_grad_norm(1.0);
+                opt.step(1e-4);
+                opt.zero_grad();
+            }
+            Ok(())
+        })?;
+        rows.push(BenchRow {
+            name: format!(
+                "SFT step, batch {} x {} tokens",
+                cfg.train_batch, cfg.train_len
+            ),
+            unit: "tokens/s".into(),
+            medzero: (cfg.train_steps * cfg.train_batch * cfg.train_len) as f64 / secs,
+            peer: None,
+            ratio: None,
+        });
+        rows.push(dpo_row(&policy, cfg)?);
+    }
     if cfg.model.is_none() {
-        rows.push(grpo_row(&policy, cfg)?);
-        rows.extend(mcts_rows(&policy, &world)?);
-        rows.extend(queue_rows());
-        rows.extend(runtime_rows(&policy, &world, cfg)?);
+        if cfg.wants("learner") {
+            rows.push(grpo_row(&policy, cfg)?);
+        }
+        if cfg.wants("mcts") {
+            rows.extend(mcts_rows(&policy, &world)?);
+        }
+        if cfg.wants("service") {
+            rows.push(mcts_service_row(&policy, &world)?);
+        }
+        if cfg.wants("queue") {
+            rows.extend(queue_rows());
+        }
+        if cfg.wants("runtime") {
+            rows.extend(runtime_rows(&policy, &world, cfg)?);
+        }
     }
 
     let mut peer_versions = None;
@@ -446,6 +478,62 @@ fn mcts_rows(policy: &Policy, world: &SynthClinic) -> Result<Vec<BenchRow>> {
         }
     }
     Ok(rows)
+}
+
+/// MedS3's search of 8 questions (max_nodes 20, budgets as in
+/// [`mcts_rows`]): 8 trees in flight through the inference service against
+/// one tree at a time on the policy itself, same streams, so the same trees
+/// (the row says whether they were).
+fn mcts_service_row(policy: &Policy, world: &SynthClinic) -> Result<BenchRow> {
+    use crate::rollout::mcts::MctsConfig;
+    use crate::rollout::meds3::{MctsRollout, StepGeneration};
+    use crate::runtime::actor::problem_rng;
+    use crate::runtime::service::ServiceConfig;
+    use medzero_policies::tokenizer::PromptTemplate;
+    const TREES: usize = 8;
+    let rollout = MctsRollout {
+        mcts: MctsConfig {
+            max_nodes: 20,
+            ..MctsConfig::default()
+        },
+        generation: StepGeneration {
+            step_max_tokens: 24,
+            rollout_max_tokens: 64,
+            ..StepGeneration::default()
+        },
+        template: PromptTemplate::Plain,
+        iteration: 0,
+    };
+    let problems: Vec<_> = world.test.iter().cycle().take(TREES).collect();
+    let t = Instant::now();
+    let mut alone = Vec::new();
+    for (i, p) in problems.iter().enumerate() {
+        alone.push(rollout.search(policy, p, &mut problem_rng(0, i))?.0);
+    }
+    let one_at_a_time = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (together, stats) = rollout.search_many(
+        policy,
+        &problems,
+        (0..TREES).map(|i| problem_rng(0, i)).collect(),
+        TREES,
+        ServiceConfig::default(),
+    )?;
+    let in_flight = t.elapsed().as_secs_f64();
+    let nodes: usize = alone.iter().map(|t| t.nodes.len()).sum();
+    let same = alone.iter().zip(&together).all(|(a, b)| *a == b.tree);
+    Ok(BenchRow {
+        name: format!(
+            "MCTS {TREES} trees in flight via the service (peer: one at a time; {nodes} nodes; \
+             mean batch {:.0} rows; same trees: {})",
+            stats.mean_batch,
+            if same { "yes" } else { "NO" }
+        ),
+        unit: "nodes/s".into(),
+        medzero: nodes as f64 / in_flight,
+        peer: Some(nodes as f64 / one_at_a_time),
+        ratio: Some(one_at_a_time / in_flight),
+    })
 }
 
 /// The trajectory queue against `std::sync::mpsc::sync_channel` and a
