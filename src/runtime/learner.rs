@@ -70,7 +70,8 @@ pub struct RuntimeConfig {
     pub merge_every: usize,
     /// Actor threads (`deterministic` uses one).
     pub actors: usize,
-    /// libtorch intra-op threads per actor (0: libtorch's default).
+    /// libtorch intra-op threads per actor, or of the service with `shared`
+    /// placement, whose actors hold no model (0: libtorch's default).
     pub actor_threads: usize,
     /// libtorch intra-op threads of the learner (0: leave as set by `run.threads`).
     pub learner_threads: usize,
@@ -419,10 +420,9 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     };
     let mut service_stats = None;
     let outcome = std::thread::scope(|scope| {
-        // The service gets the cores the actors would have had.
         let service = inbox.map(|inbox| {
             let (slot, build) = (&slot, s.build_actor_policy);
-            let threads = s.runtime.actor_threads * n_actors;
+            let threads = s.runtime.actor_threads;
             let cfg = ServiceConfig {
                 merge_every: s.runtime.merge_every,
             };

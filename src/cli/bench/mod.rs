@@ -343,6 +343,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         }
     }
 
+    if cfg.wants("service") {
+        rows.extend(placement_rows(&policy, &world, cfg)?);
+    }
+
     let mut peer_versions = None;
     if cfg.peer {
         let peer = run_peer(&policy, cfg)?;
@@ -574,13 +578,41 @@ struct OnlineBench<'a> {
 }
 
 impl OnlineBench<'_> {
-    fn run(
+    /// [`run_placed`](Self::run_placed) with an SFT learner on every trajectory.
+    fn run_sft(
+        &self,
+        name: &str,
+        rollout: &dyn crate::runtime::Rollout,
+        setup: (crate::runtime::Mode, usize, usize),
+        placement: crate::runtime::Placement,
+    ) -> Result<(f64, crate::runtime::learner::OnlineReport)> {
+        let learner_policy = (self.build)()?;
+        let mut objective = crate::train::sft::TrajectorySft::new(
+            &learner_policy,
+            self.problems,
+            medzero_policies::tokenizer::PromptTemplate::Plain,
+            0.0,
+            0.0,
+            512,
+        )?;
+        self.run_placed(
+            name,
+            rollout,
+            &mut objective,
+            &learner_policy,
+            setup,
+            placement,
+        )
+    }
+
+    fn run_placed(
         &self,
         name: &str,
         rollout: &dyn crate::runtime::Rollout,
         objective: &mut dyn crate::runtime::learner::Objective,
         learner_policy: &Policy,
         (mode, actors, actor_threads): (crate::runtime::Mode, usize, usize),
+        placement: crate::runtime::Placement,
     ) -> Result<(f64, crate::runtime::learner::OnlineReport)> {
         use crate::runtime::learner::{self, LearnerConfig, Online, RuntimeConfig};
         let t = Instant::now();
@@ -594,6 +626,7 @@ impl OnlineBench<'_> {
             build_actor_policy: self.build,
             runtime: &RuntimeConfig {
                 mode,
+                placement,
                 actors,
                 actor_threads,
                 learner_threads: self.threads,
@@ -614,6 +647,77 @@ impl OnlineBench<'_> {
     }
 }
 
+/// An online stage (rejection sampling's rollout: 4 samples of 32 tokens
+/// per problem, an SFT learner on every trajectory, sync rounds of 16) with
+/// 8 model-less actors on the inference service (2 threads) against 2
+/// actors with their own copies (1 thread each): the same cores. The rows
+/// say how many policy copies each holds and the service's mean batch and
+/// weight-swap latency.
+fn placement_rows(
+    policy: &Policy,
+    world: &SynthClinic,
+    cfg: &BenchConfig,
+) -> Result<Vec<BenchRow>> {
+    use crate::rollout::sampling::{Sampler, SamplingConfig};
+    use crate::runtime::{Mode, Placement};
+    use medzero_policies::tokenizer::PromptTemplate;
+    let root = std::env::temp_dir().join(format!("medzero-bench-placement-{}", std::process::id()));
+    let model_dir = root.join("model");
+    policy.save(&model_dir)?;
+    // A real model decodes ~100x slower: fewer problems keep it to minutes.
+    let n = if cfg.model.is_some() { 16 } else { 64 };
+    let problems = &world.train[..n.min(world.train.len())];
+    let template = PromptTemplate::Plain;
+    let rollout = Sampler {
+        cfg: SamplingConfig {
+            samples: 4,
+            max_new_tokens: 32,
+            ..SamplingConfig::default()
+        },
+        template: template.clone(),
+        reward: medzero_rewards::RuleVerifier,
+    };
+    let build = || Ok(Policy::load(&model_dir, tch::Device::Cpu, None)?);
+    let bench = OnlineBench {
+        root: &root,
+        problems,
+        build: &build,
+        threads: cfg.threads.max(1),
+    };
+    let run = |name: &str, actors, threads, placement| -> Result<(f64, _)> {
+        let (secs, report) =
+            bench.run_sft(name, &rollout, (Mode::Sync, actors, threads), placement)?;
+        Ok((problems.len() as f64 / secs, report))
+    };
+    let (own, _) = run("per-actor", 2, 1, Placement::PerActor)?;
+    let (shared, report) = run("shared", 8, 2, Placement::Shared)?;
+    std::fs::remove_dir_all(&root).ok();
+    tch::set_num_threads(cfg.threads as i32);
+    let s = report.service.unwrap_or_default();
+    let bytes: usize = policy
+        .named_parameters()
+        .iter()
+        .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+        .sum();
+    let mib = |copies: usize| (copies * bytes) as f64 / (1 << 20) as f64;
+    Ok(vec![BenchRow {
+        name: format!(
+            "online stage, sync, {n} problems: shared service, 8 actors, 1 policy copy of \
+             {:.1} MiB (peer: 2 actors with their own, {:.1} MiB); mean batch {:.1} rows, \
+             weight swap {:.1} ms mean / {:.1} ms max",
+            mib(1),
+            mib(2),
+            s.mean_batch,
+            1e3 * s.swap_latency_mean_s,
+            1e3 * s.swap_latency_max_s
+        ),
+        unit: "problems/s".into(),
+        medzero: shared,
+        peer: Some(own),
+        ratio: Some(shared / own),
+    }])
+}
+
 /// Whole online stages on the bench student: the sampling rollout (4 samples
 /// of 32 tokens per problem) through actors, queue, store and an SFT learner
 /// training on every trajectory. Compares one actor with all threads against
@@ -626,7 +730,6 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
     use crate::rollout::sampling::{Sampler, SamplingConfig};
     use crate::runtime::Mode;
     use crate::train::grpo::{GrpoConfig, GrpoObjective};
-    use crate::train::sft::TrajectorySft;
     use medzero_policies::tokenizer::PromptTemplate;
 
     let root = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
@@ -659,15 +762,11 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
     ];
     let mut rates = Vec::new();
     for (name, mode, actors, actor_threads) in setups {
-        let learner_policy = build()?;
-        let mut objective =
-            TrajectorySft::new(&learner_policy, problems, template.clone(), 0.0, 0.0, 512)?;
-        let (secs, _) = bench.run(
+        let (secs, _) = bench.run_sft(
             name,
             &rollout,
-            &mut objective,
-            &learner_policy,
             (mode, actors, actor_threads),
+            crate::runtime::Placement::PerActor,
         )?;
         rates.push((
             format!("{name}, {actors} actor(s) x {actor_threads} thread(s)"),
@@ -691,8 +790,14 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
             32,
             None,
         )?;
-        let (secs, report) =
-            bench.run(name, &group, &mut objective, &learner_policy, (mode, 2, 1))?;
+        let (secs, report) = bench.run_placed(
+            name,
+            &group,
+            &mut objective,
+            &learner_policy,
+            (mode, 2, 1),
+            crate::runtime::Placement::PerActor,
+        )?;
         grpo_rates.push(report.counters.trained as f64 / secs);
     }
     std::fs::remove_dir_all(&root).ok();
