@@ -5,13 +5,14 @@
 //! through the inference service. One libtorch thread, so the figures do not depend on the
 //! machine's core count.
 
+mod common;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use medzero::rollout::mcts::{self, MctsConfig};
 use medzero::rollout::meds3::{MctsRollout, PolicySteps, StepGeneration};
 use medzero::runtime::actor::problem_rng;
 use medzero::runtime::service::ServiceConfig;
 use medzero_envs::synthclinic::{SynthClinic, SynthConfig};
-use medzero_policies::llama::DecoderConfig;
 use medzero_policies::tokenizer::{PromptTemplate, Tokenizer};
 use medzero_policies::{Policy, SamplingParams};
 use rand::SeedableRng;
@@ -32,17 +33,7 @@ fn setup() -> (Policy, SynthClinic) {
         .chain(world.textbook.iter().cloned())
         .collect();
     let tok = Tokenizer::word_level(texts.iter().map(String::as_str), 1);
-    let mut cfg = DecoderConfig::tiny_qwen2(tok.vocab_size() as i64, tok.eos_id());
-    (
-        cfg.hidden_size,
-        cfg.num_layers,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-    ) = (128, 4, 4, 2);
-    cfg.head_dim = 32;
-    cfg.intermediate_size = 256;
-    cfg.max_position_embeddings = 1024;
-    let policy = Policy::new_random(&cfg, tok, tch::Device::Cpu, 0).unwrap();
+    let policy = common::student(tok);
     (policy, world)
 }
 

@@ -471,11 +471,22 @@ pub fn run(s: Online) -> Result<OnlineReport> {
                 Err(_) => actor_errors.push(format!("actor-{id} panicked outside a rollout")),
             }
         }
+        // Without its service no actor generated anything since it failed:
+        // the stage fails, whatever the learner made of the failed problems.
         if let Some(h) = service {
-            match h.join() {
-                Ok(Ok(stats)) => service_stats = Some(stats),
-                Ok(Err(e)) => actor_errors.push(format!("inference service: {e:#}")),
-                Err(_) => actor_errors.push("the inference service panicked".into()),
+            let failed = match h.join() {
+                Ok(Ok(stats)) => {
+                    service_stats = Some(stats);
+                    None
+                }
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some("it panicked".into()),
+            };
+            if let Some(why) = failed {
+                bail!(
+                    "{}: the inference service stopped: {why}; rerun the same command to resume",
+                    s.name
+                );
             }
         }
         match result {

@@ -2,18 +2,17 @@
 //! transformers / PyTorch on the same checkpoint, the same CPU threads and the
 //! same shapes, in one run, stamped with device, threads, dtype and versions.
 
+pub mod learner;
 pub mod queue;
 
 use crate::experiment::Config;
 use crate::experiment::student::base_student;
-use crate::train::sft::completion_nll_sum;
 use anyhow::{Context, Result, bail};
+use learner::{GROUP, LearnerStep, random_prompts};
 use medzero_envs::synthclinic::SynthClinic;
 use medzero_policies::device::DeviceInfo;
-use medzero_policies::generate::pad_right;
-use medzero_policies::optim::{AdamW, AdamWConfig};
 use medzero_policies::{Policy, SamplingParams};
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -165,12 +164,6 @@ fn best<F: FnMut() -> Result<()>>(repeats: usize, mut f: F) -> Result<f64> {
     Ok(best)
 }
 
-fn random_prompts(rng: &mut ChaCha8Rng, n: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
-    (0..n)
-        .map(|_| (0..len).map(|_| rng.random_range(5..vocab)).collect())
-        .collect()
-}
-
 /// `medzero bench`: the table (or JSON) on stdout.
 pub(super) fn command(
     json: bool,
@@ -297,37 +290,22 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     }
 
     if cfg.wants("learner") {
-        // Learner: one SFT optimizer step (forward, backward, clip, AdamW).
-        let seqs = random_prompts(&mut rng, cfg.train_batch, cfg.train_len, vocab);
-        let (ids, mask) = pad_right(&seqs, 0);
-        let targets = mask.ones_like();
-        let mut opt = optimizer(&policy)?;
-        let secs = best(cfg.repeats, || {
-            for _ in 0..cfg.train_steps {
-                let loss = completion_nll_sum(&policy, &ids, &mask, &targets)
-                    / (cfg.train_batch * (cfg.train_len - 1)) as f64;
-                loss.backward();
-                opt.clip_grad_norm(1.0);
-                opt.step(1e-4);
-                opt.zero_grad();
-            }
-            Ok(())
-        })?;
-        rows.push(BenchRow {
-            name: format!(
-                "SFT step, batch {} x {} tokens",
-                cfg.train_batch, cfg.train_len
-            ),
-            unit: "tokens/s".into(),
-            medzero: (cfg.train_steps * cfg.train_batch * cfg.train_len) as f64 / secs,
-            peer: None,
-            ratio: None,
-        });
-        rows.push(dpo_row(&policy, cfg)?);
+        // Learner: one optimizer step (forward, backward, clip, AdamW).
+        rows.push(learner_row(
+            LearnerStep::sft(&policy, cfg.train_batch, cfg.train_len)?,
+            cfg,
+        )?);
+        rows.push(learner_row(
+            LearnerStep::dpo(&policy, cfg.train_batch, cfg.train_len)?,
+            cfg,
+        )?);
     }
     if cfg.model.is_none() {
         if cfg.wants("learner") {
-            rows.push(grpo_row(&policy, cfg)?);
+            rows.push(learner_row(
+                LearnerStep::grpo(&policy, cfg.train_batch, cfg.train_len)?,
+                cfg,
+            )?);
         }
         if cfg.wants("mcts") {
             rows.extend(mcts_rows(&policy, &world)?);
@@ -843,105 +821,18 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
     Ok(rows)
 }
 
-/// A DPO step as TRL's DPOTrainer takes it: train_batch/2 pairs of
-/// train_len/2-token prompts and completions, the frozen reference run on
-/// the same batch, sigmoid loss, backward, clipping, AdamW.
-fn dpo_row(policy: &Policy, cfg: &BenchConfig) -> Result<BenchRow> {
-    use crate::train::BatchLoss;
-    use crate::train::dpo::{Dpo, DpoConfig, EncodedPair, Reference};
-    let vocab = policy.config().vocab_size;
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let (half, pairs) = (cfg.train_len / 2, (cfg.train_batch / 2).max(1));
-    let mut draw = || random_prompts(&mut rng, pairs, half, vocab);
-    let (p, c, r) = (draw(), draw(), draw());
-    let encoded: Vec<EncodedPair> = (0..pairs)
-        .map(|i| EncodedPair {
-            prompt: p[i].clone(),
-            chosen: c[i].clone(),
-            rejected: r[i].clone(),
-        })
-        .collect();
-    let reference = Policy::new_random(
-        policy.config(),
-        policy.tokenizer.clone(),
-        tch::Device::Cpu,
-        1,
-    )?;
-    let mut dpo = Dpo {
-        cfg: DpoConfig {
-            precompute_reference: false,
-            ..DpoConfig::default()
-        },
-        pairs: encoded,
-        reference: Reference::Model(Box::new(reference)),
-    };
-    let mut opt = optimizer(policy)?;
-    let all: Vec<usize> = (0..pairs).collect();
+/// Tokens/s of `cfg.train_steps` steps, best of `cfg.repeats`.
+fn learner_row(mut step: LearnerStep, cfg: &BenchConfig) -> Result<BenchRow> {
     let secs = best(cfg.repeats, || {
         for _ in 0..cfg.train_steps {
-            dpo.micro_loss(policy, &all, &all)?.loss.backward();
-            opt.clip_grad_norm(1.0);
-            opt.step(1e-4);
-            opt.zero_grad();
+            step.step()?;
         }
         Ok(())
     })?;
     Ok(BenchRow {
-        name: format!("DPO step, {pairs} pairs x {half}+{half} tokens, live reference"),
+        name: step.name.clone(),
         unit: "tokens/s".into(),
-        medzero: (cfg.train_steps * pairs * 4 * half) as f64 / secs,
-        peer: None,
-        ratio: None,
-    })
-}
-
-/// The group size of the GRPO rows.
-const GROUP: usize = 8;
-
-/// A GRPO learner step as TRL's GRPOTrainer takes it with generation
-/// bypassed: train_batch completions (groups of 8) of train_len/2 tokens
-/// after train_len/2-token prompts, per-token advantages, TRL's default
-/// `dapo` loss without KL, backward, clipping, AdamW.
-fn grpo_row(policy: &Policy, cfg: &BenchConfig) -> Result<BenchRow> {
-    use crate::train::grpo::{self, GrpoConfig, Sample};
-    let vocab = policy.config().vocab_size;
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let half = cfg.train_len / 2;
-    let rows = cfg.train_batch.max(GROUP);
-    let prompts = random_prompts(&mut rng, rows / GROUP, half, vocab);
-    let completions = random_prompts(&mut rng, rows, half, vocab);
-    let advantages: Vec<Vec<f32>> = (0..rows)
-        .map(|i| vec![if i % 2 == 0 { 1.0 } else { -1.0 }; half])
-        .collect();
-    let batch: Vec<Sample> = (0..rows)
-        .map(|i| Sample {
-            prompt: &prompts[i / GROUP],
-            completion: &completions[i],
-            advantages: &advantages[i],
-            old_logprobs: &[],
-            masked: false,
-        })
-        .collect();
-    let grpo_cfg = GrpoConfig::default();
-    let mut opt = optimizer(policy)?;
-    let secs = best(cfg.repeats, || {
-        for _ in 0..cfg.train_steps {
-            grpo::loss(policy, None, &batch, &grpo_cfg, half)?
-                .loss
-                .backward();
-            opt.clip_grad_norm(1.0);
-            opt.step(1e-4);
-            opt.zero_grad();
-        }
-        Ok(())
-    })?;
-    Ok(BenchRow {
-        name: format!(
-            "GRPO step, {rows} completions ({} groups) x {half}+{half} tokens",
-            rows / GROUP
-        ),
-        unit: "tokens/s".into(),
-        medzero: (cfg.train_steps * rows * 2 * half) as f64 / secs,
+        medzero: (cfg.train_steps * step.tokens) as f64 / secs,
         peer: None,
         ratio: None,
     })
@@ -983,17 +874,4 @@ fn run_peer(policy: &Policy, cfg: &BenchConfig) -> Result<serde_json::Value> {
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// The optimizer every learner row steps: AdamW at a small learning rate.
-fn optimizer(policy: &Policy) -> Result<AdamW> {
-    let cfg = AdamWConfig {
-        lr: 1e-4,
-        ..Default::default()
-    };
-    Ok(AdamW::new(
-        policy.named_parameters(),
-        cfg,
-        AdamW::default_decay,
-    )?)
 }
