@@ -36,7 +36,6 @@ struct Request {
     budget: usize,
     /// Rows still sampling.
     open: usize,
-    size: usize,
 }
 
 struct Row {
@@ -127,14 +126,12 @@ impl<'p> Engine<'p> {
             });
             return id;
         }
-        let size = rows.len();
         self.requests.insert(
             id,
             Request {
                 params,
                 budget,
-                open: size,
-                size,
+                open: rows.len(),
             },
         );
         self.pending.push(Pending { id, rows, rngs });
@@ -226,11 +223,7 @@ impl<'p> Engine<'p> {
         drop(parts);
         drop(caches);
         if let Some(p) = old {
-            let mut old_rows: Vec<Option<Row>> = p.rows.into_iter().map(Some).collect();
-            rows.extend(
-                kept.iter()
-                    .map(|&i| old_rows[i as usize].take().expect("kept once")),
-            );
+            rows.extend(p.rows.into_iter().filter(|r| !r.dead));
         }
         for q in pending {
             rows.extend(q.rows.ids.into_iter().zip(q.rngs).enumerate().map(
@@ -356,7 +349,7 @@ impl<'p> Engine<'p> {
             return out;
         };
         for id in finished {
-            let request = self.requests.remove(&id).expect("listed above");
+            self.requests.remove(&id);
             let mut slots: Vec<(usize, usize)> = pool
                 .rows
                 .iter()
@@ -365,7 +358,6 @@ impl<'p> Engine<'p> {
                 .map(|(i, r)| (r.index, i))
                 .collect();
             slots.sort_unstable();
-            debug_assert_eq!(slots.len(), request.size);
             let idx: Vec<i64> = slots.iter().map(|&(_, i)| i as i64).collect();
             let t = Tensor::from_slice(&idx).to_device(pool.logits.device());
             let cache = KvCache::stack(&[(&pool.cache, &idx)], 0);

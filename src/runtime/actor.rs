@@ -175,12 +175,13 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
         tch::set_num_threads(shared.threads as i32);
     }
     let name = format!("actor-{id}");
-    let (mut own, mut version) = match &model {
+    // An own policy is built here (and rebuilt after a panic).
+    let (mut live, mut version) = match model {
         Model::Own(build) => {
-            let (p, v) = restart(shared, *build)?;
-            (Some(p), v)
+            let (policy, v) = restart(shared, build)?;
+            (Live::Own { policy, build }, v)
         }
-        Model::Served(_) => (None, shared.slot.version()),
+        Model::Served(client) => (Live::Served(client), shared.slot.version()),
     };
     stats.version.store(version, Ordering::Relaxed);
     let backoff = Backoff::new();
@@ -202,8 +203,8 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
         backoff.reset();
         // Checked after taking the item: a round's weights are published
         // before its items are released, so this sees them.
-        match (&own, &model) {
-            (Some(policy), _) => {
+        match &live {
+            Live::Own { policy, .. } => {
                 if let Some(s) = shared.slot.newer_than(version) {
                     s.apply(policy)?;
                     version = s.version;
@@ -211,11 +212,10 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
             }
             // The service swaps weights itself; a rollout is stamped with the
             // oldest version that served it (or the current one, if none did).
-            (None, Model::Served(client)) => {
+            Live::Served(client) => {
                 client.take_oldest_version();
                 version = shared.slot.version();
             }
-            (None, Model::Own(_)) => unreachable!("an own model is built at start"),
         }
         stats.version.store(version, Ordering::Relaxed);
         let problem = &shared.problems[item.index];
@@ -227,15 +227,12 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
             {
                 panic!("injected fault (runtime.inject_panic_every)");
             }
-            match (&own, &model) {
-                (Some(policy), _) => shared.rollout.rollout(policy, problem, &mut rng),
-                (None, Model::Served(client)) => {
-                    shared.rollout.rollout_served(client, problem, &mut rng)
-                }
-                (None, Model::Own(_)) => unreachable!("an own model is built at start"),
+            match &live {
+                Live::Own { policy, .. } => shared.rollout.rollout(policy, problem, &mut rng),
+                Live::Served(client) => shared.rollout.rollout_served(client, problem, &mut rng),
             }
         }));
-        if let Model::Served(client) = &model
+        if let Live::Served(client) = &live
             && let Some(v) = client.take_oldest_version()
         {
             version = v;
@@ -279,9 +276,8 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
                         ""
                     }
                 );
-                if let Model::Own(build) = &model {
-                    let (p, v) = restart(shared, *build)?;
-                    (own, version) = (Some(p), v);
+                if let Live::Own { policy, build } = &mut live {
+                    (*policy, version) = restart(shared, *build)?;
                     stats.version.store(version, Ordering::Relaxed);
                 }
                 if retry {
@@ -303,6 +299,17 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
             return Ok(());
         }
     }
+}
+
+/// An actor's model while it runs (one per actor thread, so its size is
+/// of no concern).
+#[allow(clippy::large_enum_variant)]
+enum Live<'a> {
+    Own {
+        policy: Policy,
+        build: &'a (dyn Fn() -> Result<Policy> + Sync),
+    },
+    Served(Client<'a>),
 }
 
 /// A fresh policy holding the newest published weights.
