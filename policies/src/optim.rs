@@ -10,13 +10,19 @@
 //! repeats theirs operation for operation, with the same f64 host scalars and
 //! the same tensor kernels. For f32/f64 parameters on CPU the results are
 //! bit-identical (tested against torch); see [`AdamW::step`] for the limits.
+//!
+//! Parameters stored in bf16 or f16 train with f32 master weights
+//! (Micikevicius et al., arXiv:1710.03740): the moments and an f32 copy of
+//! the parameter take every update, and the parameter holds the copy rounded
+//! to its dtype. Updates far below a bf16 ulp (lr 1e-5 on weights near 1)
+//! would otherwise round away, step after step.
 
 use safetensors::tensor::SafeTensors;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use tch::{COptimizer, Tensor};
+use tch::{COptimizer, Kind, Tensor};
 
 /// Errors building an optimizer or restoring its state.
 #[derive(Debug, thiserror::Error)]
@@ -97,13 +103,36 @@ impl AdamWConfig {
     }
 }
 
-/// One trainable tensor and its moments (same dtype, device and layout).
+/// One trainable tensor and its moments (same device and layout; f32 for a
+/// parameter with a master copy, else the parameter's dtype).
 struct Slot {
     name: String,
     param: Tensor,
     decay: bool,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// The f32 master of a bf16/f16 parameter: the optimizer updates it and
+    /// copies its rounding into `param`.
+    master: Option<Tensor>,
+}
+
+impl Slot {
+    /// The tensor the update applies to.
+    fn target(&self) -> &Tensor {
+        self.master.as_ref().unwrap_or(&self.param)
+    }
+
+    /// The state it checkpoints, by key prefix.
+    fn held(&self) -> impl Iterator<Item = (&'static str, &Tensor)> {
+        [(EXP_AVG, &self.exp_avg), (EXP_AVG_SQ, &self.exp_avg_sq)]
+            .into_iter()
+            .chain(self.master.iter().map(|m| (MASTER, m)))
+    }
+}
+
+/// bf16 and f16 parameters train through an f32 master copy.
+fn needs_master(kind: Kind) -> bool {
+    matches!(kind, Kind::BFloat16 | Kind::Half)
 }
 
 /// AdamW (decoupled weight decay, no amsgrad) with state that checkpoints.
@@ -111,6 +140,10 @@ pub struct AdamW {
     cfg: AdamWConfig,
     slots: Vec<Slot>,
     steps: i64,
+    /// The clipping factor [`AdamW::clip_grad_norm`] computed, applied to the
+    /// f32 gradients of master slots in the next step: scaling their bf16
+    /// gradients in place would round the clipped values.
+    pending_clip: Option<Tensor>,
     /// tch cannot set a gradient to undefined; libtorch's own optimizers can
     /// (`zero_grad(set_to_none = true)`), so one holding the same tensors does
     /// that for [`AdamW::zero_grad`]. It never steps.
@@ -130,6 +163,7 @@ impl std::fmt::Debug for AdamW {
 
 const EXP_AVG: &str = "exp_avg/";
 const EXP_AVG_SQ: &str = "exp_avg_sq/";
+const MASTER: &str = "master/";
 const STEPS_KEY: &str = "steps_taken";
 const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "medzero.adamw";
@@ -163,19 +197,24 @@ impl AdamW {
             }
             grad_reset.add_parameters(&param, 0)?;
             let decay = decay(&name, &param);
-            let (exp_avg, exp_avg_sq) = tch::no_grad(|| (param.zeros_like(), param.zeros_like()));
+            let master = needs_master(param.kind())
+                .then(|| tch::no_grad(|| param.detach().to_kind(Kind::Float)));
+            let like = master.as_ref().unwrap_or(&param);
+            let (exp_avg, exp_avg_sq) = tch::no_grad(|| (like.zeros_like(), like.zeros_like()));
             slots.push(Slot {
                 name,
                 param,
                 decay,
                 exp_avg,
                 exp_avg_sq,
+                master,
             });
         }
         Ok(Self {
             cfg,
             slots,
             steps: 0,
+            pending_clip: None,
             grad_reset,
         })
     }
@@ -206,6 +245,11 @@ impl AdamW {
     /// that product in f32, and on CUDA it groups `value * (t1 op t2)`; there
     /// the last bit can differ.
     ///
+    /// A parameter with an f32 master is updated through it: its gradient in
+    /// f32 (times the pending clipping factor), the same ops on the master,
+    /// then the master rounded into the parameter; so the master follows an
+    /// f32 run on the same gradients bit for bit.
+    ///
     /// Parameters without a gradient are skipped, like torch. The step count
     /// (bias correction) is per optimizer where torch keeps one per parameter:
     /// they agree whenever all parameters get gradients, or none do (a call
@@ -228,16 +272,24 @@ impl AdamW {
         let step_size = lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.powf(std::hint::black_box(0.5));
         let mut updated = false;
+        let clip = self.pending_clip.take();
         tch::no_grad(|| {
             for s in &mut self.slots {
-                let grad = s.param.grad();
+                let mut grad = s.param.grad();
                 if !grad.defined() {
                     continue;
                 }
                 updated = true;
+                if s.master.is_some() {
+                    grad = grad.to_kind(Kind::Float);
+                    if let Some(coef) = &clip {
+                        let _ = grad.g_mul_(&coef.to_device(grad.device()));
+                    }
+                }
+                let mut target = s.target().shallow_clone();
                 let wd = if s.decay { weight_decay } else { 0.0 };
                 if wd != 0.0 {
-                    let _ = s.param.g_mul_scalar_(1.0 - lr * wd);
+                    let _ = target.g_mul_scalar_(1.0 - lr * wd);
                 }
                 let _ = s.exp_avg.lerp_(&grad, 1.0 - beta1);
                 let _ = s.exp_avg_sq.g_mul_scalar_(beta2);
@@ -246,9 +298,10 @@ impl AdamW {
                     .addcmul_(&grad.g_mul_scalar(1.0 - beta2), &grad);
                 let mut denom = s.exp_avg_sq.sqrt().g_div_scalar(bias_correction2_sqrt);
                 let _ = denom.g_add_scalar_(eps);
-                let _ = s
-                    .param
-                    .addcdiv_(&s.exp_avg.g_mul_scalar(-step_size), &denom);
+                let _ = target.addcdiv_(&s.exp_avg.g_mul_scalar(-step_size), &denom);
+                if s.master.is_some() {
+                    s.param.copy_(&target);
+                }
             }
         });
         if updated {
@@ -260,14 +313,30 @@ impl AdamW {
     /// (`set_to_none=True`): the next backward writes fresh gradients and
     /// parameters it does not reach are skipped by [`AdamW::step`].
     pub fn zero_grad(&mut self) {
+        self.pending_clip = None;
         self.grad_reset
             .zero_grad()
             .expect("libtorch zero_grad over the optimizer's own tensors");
     }
 
-    /// [`clip_grad_norm`] over this optimizer's parameters.
-    pub fn clip_grad_norm(&self, max_norm: f64) -> f64 {
-        clip_grad_norm(self.params(), max_norm)
+    /// [`clip_grad_norm`] over this optimizer's parameters. With master
+    /// weights the norm is taken over the gradients in f32 and the factor is
+    /// applied to them in f32 at the next [`AdamW::step`].
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        if !self.slots.iter().any(|s| s.master.is_some()) {
+            return clip_grad_norm(self.params(), max_norm);
+        }
+        let (total, coef) = clip_factor(self.params(), max_norm);
+        tch::no_grad(|| {
+            for s in self.slots.iter().filter(|s| s.master.is_none()) {
+                let mut g = s.param.grad();
+                if g.defined() {
+                    let _ = g.g_mul_(&coef.to_device(g.device()));
+                }
+            }
+        });
+        self.pending_clip = Some(coef);
+        total
     }
 
     /// The name of the first moment holding NaN or an infinity, if any.
@@ -280,9 +349,10 @@ impl AdamW {
         })
     }
 
-    /// The total gradient norm, unclipped (0 without gradients).
+    /// The total gradient norm, unclipped (0 without gradients), in f32 for
+    /// bf16/f16 gradients.
     pub fn grad_norm(&self) -> f64 {
-        clip_grad_norm(self.params(), f64::INFINITY)
+        clip_factor(self.params(), f64::INFINITY).0
     }
 
     /// Updates applied so far (the bias-correction step, torch's `state["step"]`).
@@ -290,20 +360,16 @@ impl AdamW {
         self.steps
     }
 
-    /// The moments as `exp_avg/<name>` and `exp_avg_sq/<name>`, parameter by
+    /// The moments as `exp_avg/<name>` and `exp_avg_sq/<name>`, and the f32
+    /// masters of bf16/f16 parameters as `master/<name>`, parameter by
     /// parameter. They alias the live tensors (no copy): save them before the
     /// next [`AdamW::step`].
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.slots
             .iter()
             .flat_map(|s| {
-                [
-                    (format!("{EXP_AVG}{}", s.name), s.exp_avg.shallow_clone()),
-                    (
-                        format!("{EXP_AVG_SQ}{}", s.name),
-                        s.exp_avg_sq.shallow_clone(),
-                    ),
-                ]
+                s.held()
+                    .map(|(prefix, t)| (format!("{prefix}{}", s.name), t.shallow_clone()))
             })
             .collect()
     }
@@ -342,7 +408,7 @@ impl AdamW {
         let (mut missing, mut wrong) = (Vec::new(), Vec::new());
         let mut copies = Vec::with_capacity(state.len());
         for s in &self.slots {
-            for (prefix, moment) in [(EXP_AVG, &s.exp_avg), (EXP_AVG_SQ, &s.exp_avg_sq)] {
+            for (prefix, moment) in s.held() {
                 let key = format!("{prefix}{}", s.name);
                 let Some(t) = given.remove(key.as_str()) else {
                     missing.push(key);
@@ -380,6 +446,13 @@ impl AdamW {
         tch::no_grad(|| {
             for (mut moment, t) in copies {
                 moment.copy_(t);
+            }
+            // A parameter is its master's rounding; the saved model may have
+            // been written by another copy of it.
+            for s in &mut self.slots {
+                if let Some(m) = &s.master {
+                    s.param.copy_(m);
+                }
             }
         });
         self.steps = steps;
@@ -452,16 +525,40 @@ impl AdamW {
 /// one dtype on one device (the usual case) matches exactly (on CPU, given the
 /// same intra-op thread count: large reductions split by thread).
 pub fn clip_grad_norm<'a>(params: impl IntoIterator<Item = &'a Tensor>, max_norm: f64) -> f64 {
+    let params: Vec<&Tensor> = params.into_iter().collect();
+    let (total, coef) = clip_factor(params.iter().copied(), max_norm);
     tch::no_grad(|| {
-        let mut grads: Vec<Tensor> = params
+        for mut g in params.iter().map(|p| p.grad()).filter(Tensor::defined) {
+            let _ = g.g_mul_(&coef.to_device(g.device()));
+        }
+    });
+    total
+}
+
+/// The total gradient norm (bf16/f16 gradients read in f32) and
+/// `min(max_norm / (total + 1e-6), 1)` as a tensor on the first gradient's
+/// device (1 without gradients).
+fn clip_factor<'a>(params: impl IntoIterator<Item = &'a Tensor>, max_norm: f64) -> (f64, Tensor) {
+    tch::no_grad(|| {
+        let grads: Vec<Tensor> = params
             .into_iter()
             .map(Tensor::grad)
             .filter(Tensor::defined)
             .collect();
         let Some(device) = grads.first().map(Tensor::device) else {
-            return 0.0;
+            return (0.0, Tensor::from(1.0f32));
         };
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm().to_device(device)).collect();
+        let norms: Vec<Tensor> = grads
+            .iter()
+            .map(|g| {
+                let g = if needs_master(g.kind()) {
+                    g.to_kind(Kind::Float)
+                } else {
+                    g.shallow_clone()
+                };
+                g.norm().to_device(device)
+            })
+            .collect();
         let total = Tensor::stack(&norms, 0).norm();
         // Python's `max_norm / tensor` is `tensor.reciprocal() * max_norm`.
         let coef = total
@@ -469,10 +566,7 @@ pub fn clip_grad_norm<'a>(params: impl IntoIterator<Item = &'a Tensor>, max_norm
             .reciprocal()
             .g_mul_scalar(max_norm)
             .clamp_max(1.0);
-        for g in &mut grads {
-            let _ = g.g_mul_(&coef.to_device(g.device()));
-        }
-        total.double_value(&[])
+        (total.double_value(&[]), coef)
     })
 }
 

@@ -288,13 +288,11 @@ fn matches_torch_in_f64_over_70_steps() {
 }
 
 /// Saving after 3 steps and loading into a fresh optimizer over copies of the
-/// params: 2 more steps on both give the same bits.
-#[test]
-fn save_and_load_resume_bit_identically() {
+/// params: 2 more steps on both give the same bits (moments, masters, params).
+fn assert_resumes_bit_identically(params: Vec<(String, Tensor)>, grads: &[Vec<Tensor>]) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("optim.safetensors");
-    let grads = grads(Kind::Float, 5);
-    let mut a = AdamW::new(initial_params(Kind::Float), cfg(), AdamW::default_decay).unwrap();
+    let mut a = AdamW::new(params, cfg(), AdamW::default_decay).unwrap();
     for (step, g) in grads.iter().enumerate().take(3) {
         train_step(&mut a, g, COSINE, step);
     }
@@ -315,10 +313,18 @@ fn save_and_load_resume_bit_identically() {
         train_step(&mut a, g, COSINE, step);
         train_step(&mut b, g, COSINE, step);
     }
+    for ((name, x), (_, y)) in a.state().iter().zip(&b.state()) {
+        assert_bits_eq(name, y, x);
+    }
     for (((name, _), x), y) in SHAPES.iter().zip(snapshot(&a)).zip(snapshot(&b)) {
         assert_bits_eq(name, &y, &x);
     }
-    assert_eq!(b.steps_taken(), 5);
+    assert_eq!(b.steps_taken(), grads.len() as i64);
+}
+
+#[test]
+fn save_and_load_resume_bit_identically() {
+    assert_resumes_bit_identically(initial_params(Kind::Float), &grads(Kind::Float, 5));
 }
 
 /// A copy of the state after one step (so moments are not all zero).
@@ -574,4 +580,67 @@ fn schedule_serializes_in_snake_case() {
     let s: Schedule = serde_json::from_str(json).unwrap();
     assert_eq!(s, COSINE);
     assert_eq!(serde_json::to_string(&s).unwrap(), json);
+}
+
+/// `initial_params` rounded to bf16, as `kind`: values both runs can hold.
+fn bf16_representable(kind: Kind) -> Vec<(String, Tensor)> {
+    initial_params(Kind::Float)
+        .into_iter()
+        .map(|(n, p)| {
+            let p = p.detach().to_kind(Kind::BFloat16).to_kind(kind);
+            (n, p.set_requires_grad(true))
+        })
+        .collect()
+}
+
+/// A bf16 parameter trains through an f32 master that follows an f32 run on
+/// the same gradients bit for bit, clipping included (steps 1 and 3 clip);
+/// the parameter is the master rounded to bf16, and the moments are f32.
+#[test]
+fn bf16_params_follow_their_f32_masters_exactly() {
+    let grads32: Vec<Vec<Tensor>> = grads(Kind::Float, 5)
+        .into_iter()
+        .map(|step| {
+            let rounded = step.iter().map(|g| g.to_kind(Kind::BFloat16));
+            rounded.map(|g| g.to_kind(Kind::Float)).collect()
+        })
+        .collect();
+    let grads16: Vec<Vec<Tensor>> = grads32
+        .iter()
+        .map(|step| step.iter().map(|g| g.to_kind(Kind::BFloat16)).collect())
+        .collect();
+    let mut full =
+        AdamW::new(bf16_representable(Kind::Float), cfg(), AdamW::default_decay).unwrap();
+    let mut half = AdamW::new(
+        bf16_representable(Kind::BFloat16),
+        cfg(),
+        AdamW::default_decay,
+    )
+    .unwrap();
+    for step in 0..5 {
+        let (n32, _) = train_step(&mut full, &grads32[step], COSINE, step);
+        let (n16, _) = train_step(&mut half, &grads16[step], COSINE, step);
+        assert_eq!(n16, n32, "step {step}: grad norm");
+    }
+    let state16: HashMap<String, Tensor> = half.state().into_iter().collect();
+    for ((name, _), (p32, p16)) in SHAPES.iter().zip(full.params().zip(half.params())) {
+        assert_bits_eq(name, &state16[&format!("master/{name}")], p32);
+        assert_bits_eq(name, p16, &p32.to_kind(Kind::BFloat16));
+    }
+    for (name, m32) in full.state() {
+        assert_bits_eq(&name, &state16[&name], &m32);
+    }
+    assert_eq!(state16.len(), 3 * SHAPES.len());
+}
+
+/// The masters checkpoint with the moments: a fresh optimizer over the
+/// saved bf16 weights resumes bit-identically; a state without masters (an
+/// f32 run's) is refused by name.
+#[test]
+fn bf16_masters_save_and_resume_bit_identically() {
+    let half = || bf16_representable(Kind::BFloat16);
+    assert_resumes_bit_identically(half(), &grads(Kind::BFloat16, 5));
+    let mut c = AdamW::new(half(), cfg(), AdamW::default_decay).unwrap();
+    let err = c.load_state(&stepped_state(), 1).unwrap_err().to_string();
+    assert!(err.contains("missing master/embed.weight"), "{err}");
 }

@@ -93,25 +93,30 @@ kv_heads = 1
 intermediate_size = 128
 "#;
 
-/// Trains a student on [`TINY_WORLD`]'s gold chains until it has memorised
-/// them (150 epochs, seconds) in run `name` under `dir`; returns the run
-/// folder (its model: `stages/0-chains/model`).
-pub fn memorised_chains(dir: &Path, name: &str) -> PathBuf {
-    let text = format!(
-        r#"[run]
-name = "{name}"
-threads = 1
-{TINY_WORLD}
-[[stages]]
+/// A `distill_chains` stage named "chains" of `epochs` epochs over the
+/// tiny world (batch 8, lr 3e-3, no warmup, a checkpoint at the end only).
+pub fn chains_stage(epochs: usize) -> String {
+    format!(
+        r#"[[stages]]
 kind = "distill_chains"
 name = "chains"
 [stages.sft]
-epochs = 150
+epochs = {epochs}
 batch_size = 8
 lr = 3e-3
 warmup_ratio = 0.0
 checkpoint_every = 0
 "#
+    )
+}
+
+/// Trains a student on [`TINY_WORLD`]'s gold chains until it has memorised
+/// them (150 epochs, seconds) in run `name` under `dir`; returns the run
+/// folder (its model: `stages/0-chains/model`).
+pub fn memorised_chains(dir: &Path, name: &str) -> PathBuf {
+    let text = format!(
+        "[run]\nname = \"{name}\"\nthreads = 1\n{TINY_WORLD}\n{}",
+        chains_stage(150)
     );
     let config = write_config(dir, &text);
     let o = medzero(&["run", &config]);
