@@ -4,7 +4,7 @@
 //   - an rpath to libtorch's lib dir, so nothing needs LD_LIBRARY_PATH;
 //   - `--no-as-needed -ltorch`, else the linker drops libtorch_cuda and CUDA is
 //     silently unavailable on GPU machines.
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!(

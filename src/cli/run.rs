@@ -10,9 +10,16 @@ pub(super) fn run(config: Option<&Path>, set: &[String], fresh: bool) -> Result<
         Some(path) => Config::from_file(path, set)?,
         None => Config::load(QUICKSTART, "quickstart (embedded)", set)?,
     };
+    if let Some(launch) = medzero_dist::Launch::from_env()? {
+        crate::stages::registry::check_distributed(&cfg.stages, launch.world)?;
+        let timeout = std::time::Duration::from_secs_f64(cfg.run.collective_timeout_s);
+        medzero_dist::init(medzero_dist::Group::connect(&launch, timeout)?)?;
+    }
     let stop = crate::infra::signals::install()?;
     let out = crate::experiment::run(&cfg, fresh, &stop)?;
-    println!("{}", out.results.to_markdown());
-    println!("run folder: {}", out.dir.display());
+    if medzero_dist::world().is_none_or(|g| g.rank() == 0) {
+        println!("{}", out.results.to_markdown());
+        println!("run folder: {}", out.dir.display());
+    }
     Ok(())
 }

@@ -166,6 +166,9 @@ pub struct RunConfig {
     /// Where models train and generate: `cpu`, `cuda`, `cuda:N`, or `auto`
     /// (the first GPU when libtorch sees one, else the CPU).
     pub device: DeviceSpec,
+    /// With several processes (torchrun): the longest any rendezvous or
+    /// collective waits before the run fails naming the lost rank.
+    pub collective_timeout_s: f64,
 }
 
 impl Default for RunConfig {
@@ -177,6 +180,7 @@ impl Default for RunConfig {
             deterministic: true,
             threads: 0,
             device: DeviceSpec::Cpu,
+            collective_timeout_s: 300.0,
         }
     }
 }
@@ -196,6 +200,12 @@ impl RunConfig {
             bail!(
                 "run.threads = {} is more than {MAX_THREADS}; use 0 for every core",
                 self.threads
+            );
+        }
+        if !(self.collective_timeout_s.is_finite() && self.collective_timeout_s >= 1.0) {
+            bail!(
+                "run.collective_timeout_s must be a number of seconds >= 1, got {}",
+                self.collective_timeout_s
             );
         }
         Ok(())

@@ -56,13 +56,22 @@ impl Services for RunServices<'_> {
     }
 }
 
+/// The subfolder of a run folder holding ranks 1.. of a distributed run.
+const RANKS: &str = "ranks";
+
 /// The folder of stage `k`.
 fn stage_folder(dir: &Path, k: usize, name: &str) -> PathBuf {
     dir.join("stages").join(format!("{k}-{name}"))
 }
 
 pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
-    let dir = cfg.run.out_dir.join(&cfg.run.name);
+    let group = medzero_dist::world();
+    let mut dir = cfg.run.out_dir.join(&cfg.run.name);
+    // Rank 0 owns the run folder; the other ranks of a distributed run
+    // keep their own copies of what they compute in `ranks/<r>` inside it.
+    if let Some(g) = group.filter(|g| g.rank() > 0) {
+        dir = dir.join(RANKS).join(g.rank().to_string());
+    }
     let resolved = cfg.to_toml();
     let config_path = dir.join("config.toml");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -71,7 +80,10 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
         // Everything but the lock this process holds.
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
-            if path.file_name() == Some(std::ffi::OsStr::new(".lock")) {
+            let name = path.file_name();
+            if name == Some(std::ffi::OsStr::new(".lock"))
+                || (group.is_some() && name == Some(std::ffi::OsStr::new(RANKS)))
+            {
                 continue;
             }
             let removed = if path.is_dir() {
@@ -129,6 +141,9 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
         let stage_dir = stage_folder(&dir, k, name);
         let result_path = stage_dir.join("result.json");
         bar.set_message(name.to_string());
+        if let Some(g) = group {
+            same_stage_everywhere(g, k, name, result_path.exists())?;
+        }
         let result: StageOutput = if result_path.exists() {
             let text = std::fs::read_to_string(&result_path)?;
             resumed += 1;
@@ -189,6 +204,22 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
         results,
         resumed_stages: resumed,
     })
+}
+
+/// A distributed run's ranks resume in step: stage `k` is finished on all
+/// of them or on none (each rank skips finished stages by itself).
+fn same_stage_everywhere(g: &medzero_dist::Group, k: usize, name: &str, done: bool) -> Result<()> {
+    let mut finished = [done as u8 as f64];
+    crate::train::parallel::allreduce_values(g, &mut finished)?;
+    let finished = finished[0] as usize;
+    if finished != 0 && finished != g.world() {
+        bail!(
+            "stage {k} ({name:?}) is finished on {finished} of {} ranks: the ranks' folders are \
+             out of step (rank 0's run folder and its ranks/ subfolders); rerun with --fresh",
+            g.world()
+        );
+    }
+    Ok(())
 }
 
 /// Refuses a resume whose config differs from the run folder's where the

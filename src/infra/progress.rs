@@ -4,7 +4,11 @@
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A bar over `len` items of `unit` (stages, steps, problems), labelled `prefix`.
+/// Hidden on every rank but 0 of a distributed run.
 pub fn bar(len: u64, prefix: &str, unit: &str) -> ProgressBar {
+    if medzero_dist::world().is_some_and(|g| g.rank() > 0) {
+        return ProgressBar::hidden();
+    }
     let template = format!(
         "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}} ({{elapsed}}, eta {{eta}})"
     );

@@ -82,6 +82,29 @@ impl StageSpec {
     }
 }
 
+/// The extra rules of a run over `world` processes: every stage trains
+/// data parallel, and every rank samples the same data (no asynchronous
+/// runtime), since each rank runs the sampling stages itself.
+pub fn check_distributed(stages: &[StageSpec], world: usize) -> Result<()> {
+    for (k, spec) in stages.iter().enumerate() {
+        let at = || format!("stage {k} ({:?}, kind {:?})", spec.name(), spec.kind());
+        let stage = spec.stage();
+        if !stage.data_parallel() {
+            bail!(
+                "{}: this online learner does not run over several processes yet                  (WORLD_SIZE = {world}); run it in one process",
+                at()
+            );
+        }
+        if stage.runtime().is_some_and(|rt| rt.mode == Mode::Async) {
+            bail!(
+                "{}: runtime.mode = \"async\" would sample different data on each of the                  {world} ranks; use \"sync\" or \"deterministic\"",
+                at()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Checks every stage and the rules between them, naming the stage (its
 /// index and name) in any error: an experiment either loads whole or not at
 /// all, before its first stage runs.

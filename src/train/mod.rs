@@ -11,6 +11,7 @@
 pub mod dpo;
 pub mod grpo;
 pub mod kto;
+pub mod parallel;
 pub mod prm;
 pub mod rloo;
 pub mod sft;
@@ -211,6 +212,9 @@ pub fn train(
         bail!("{tag}: no training examples");
     }
     let per_step = cfg.batch_size * cfg.grad_accum;
+    // With several processes (torchrun), each takes a shard of every step.
+    let group = medzero_dist::world();
+    parallel::check_divides(per_step, group, tag)?;
     let total_steps = total_steps(cfg, n);
     let schedule = Schedule {
         kind: cfg.schedule,
@@ -232,6 +236,22 @@ pub fn train(
             path.display(),
             state.step
         );
+    }
+    if let Some(g) = group {
+        // Rank 0's weights, moments and data position are the run's: a
+        // resume with another world size, or a rank without checkpoints,
+        // starts where rank 0 left off.
+        let params: Vec<Tensor> = policy
+            .named_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        parallel::broadcast_tensors(g, &params)?;
+        let moments: Vec<Tensor> = opt.state().into_iter().map(|(_, t)| t).collect();
+        parallel::broadcast_tensors(g, &moments)?;
+        let steps;
+        (state, steps) = parallel::broadcast_json(g, &(state, opt.steps_taken()))?;
+        opt.load_state(&opt.state(), steps)?;
     }
 
     let bar = crate::infra::progress::bar(total_steps as u64, tag, "steps")
@@ -256,7 +276,7 @@ pub fn train(
         let mut loss_sum = 0.0;
         let mut tokens = 0u64;
         let mut step_metrics: Vec<(&'static str, f64)> = Vec::new();
-        for micro in picked.chunks(cfg.batch_size) {
+        for micro in parallel::shard(&picked, group).chunks(cfg.batch_size) {
             let m = objective.micro_loss(policy, &picked, micro)?;
             m.loss.backward();
             loss_sum += m.loss.double_value(&[]);
@@ -267,6 +287,19 @@ pub fn train(
                     Some((_, acc)) => *acc += share * v,
                     None => step_metrics.push((k, share * v)),
                 }
+            }
+        }
+        if let Some(g) = group {
+            let params: Vec<Tensor> = opt.params().map(Tensor::shallow_clone).collect();
+            parallel::allreduce_grads(g, &params)?;
+            let mut sums: Vec<f64> = [loss_sum, tokens as f64]
+                .into_iter()
+                .chain(step_metrics.iter().map(|(_, v)| *v))
+                .collect();
+            parallel::allreduce_values(g, &mut sums)?;
+            (loss_sum, tokens) = (sums[0], sums[1] as u64);
+            for ((_, v), sum) in step_metrics.iter_mut().zip(&sums[2..]) {
+                *v = *sum;
             }
         }
         let grad_norm = if cfg.max_grad_norm > 0.0 {

@@ -157,17 +157,33 @@ impl<'p> LearnerStep<'p> {
         })
     }
 
-    /// One optimizer step.
+    /// Whether [`LearnerStep::step`] splits its batch over the ranks of a
+    /// distributed run (SFT and DPO do; GRPO's loss normalises over the
+    /// whole generation batch, which the offline loop's shares do not cover).
+    pub fn data_parallel(&self) -> bool {
+        !matches!(self.work, Work::Grpo { .. })
+    }
+
+    /// One optimizer step; with several processes, over this rank's shard
+    /// of the batch, gradients summed over the ranks, as the offline loop.
     pub fn step(&mut self) -> Result<()> {
         let policy = self.policy;
+        let group = medzero_dist::world();
         let loss = match &mut self.work {
             Work::Sft {
                 ids,
                 mask,
                 targets,
                 tokens,
-            } => completion_nll_sum(policy, ids, mask, targets) / *tokens,
-            Work::Dpo { dpo, all } => dpo.micro_loss(policy, all, all)?.loss,
+            } => {
+                let rows = shard_rows(ids.size()[0], group);
+                let cut = |t: &Tensor| t.narrow(0, rows.0, rows.1);
+                completion_nll_sum(policy, &cut(ids), &cut(mask), &cut(targets)) / *tokens
+            }
+            Work::Dpo { dpo, all } => {
+                let mine = crate::train::parallel::shard(all, group);
+                dpo.micro_loss(policy, all, mine)?.loss
+            }
             Work::Grpo {
                 prompts,
                 completions,
@@ -188,9 +204,24 @@ impl<'p> LearnerStep<'p> {
             }
         };
         loss.backward();
+        if let Some(g) = group.filter(|_| self.data_parallel()) {
+            let params: Vec<Tensor> = self.opt.params().map(Tensor::shallow_clone).collect();
+            crate::train::parallel::allreduce_grads(g, &params)?;
+        }
         self.opt.clip_grad_norm(1.0);
         self.opt.step(1e-4);
         self.opt.zero_grad();
         Ok(())
+    }
+}
+
+/// (first row, rows) of this rank's contiguous share of `n` rows.
+fn shard_rows(n: i64, group: Option<&medzero_dist::Group>) -> (i64, i64) {
+    match group {
+        Some(g) => {
+            let per = n / g.world() as i64;
+            (g.rank() as i64 * per, per)
+        }
+        None => (0, n),
     }
 }

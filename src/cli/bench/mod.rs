@@ -44,7 +44,9 @@ pub struct BenchConfig {
 }
 
 /// The row groups of the bench, in the order they run.
-pub const GROUPS: [&str; 6] = ["decode", "learner", "mcts", "service", "queue", "runtime"];
+pub const GROUPS: [&str; 7] = [
+    "decode", "learner", "mcts", "service", "queue", "runtime", "dist",
+];
 
 impl Default for BenchConfig {
     fn default() -> Self {
@@ -190,7 +192,16 @@ pub(super) fn command(
         }
         cfg.threads = t;
     }
+    // A worker of the `dist` rows (or any bench under torchrun): the learner
+    // rows over the process group; rank 0 reports.
+    if let Some(launch) = medzero_dist::Launch::from_env()? {
+        let timeout = std::time::Duration::from_secs(120);
+        medzero_dist::init(medzero_dist::Group::connect(&launch, timeout)?)?;
+    }
     let report = run(&cfg)?;
+    if medzero_dist::world().is_some_and(|g| g.rank() > 0) {
+        return Ok(());
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -300,7 +311,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             cfg,
         )?);
     }
-    if cfg.model.is_none() {
+    if cfg.model.is_none() && medzero_dist::world().is_none() {
         if cfg.wants("learner") {
             rows.push(learner_row(
                 LearnerStep::grpo(&policy, cfg.train_batch, cfg.train_len)?,
@@ -321,8 +332,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         }
     }
 
-    if cfg.wants("service") {
+    if cfg.wants("service") && medzero_dist::world().is_none() {
         rows.extend(placement_rows(&policy, &world, cfg)?);
+    }
+    if cfg.wants("dist") && medzero_dist::world().is_none() {
+        rows.extend(dist_rows(cfg)?);
     }
 
     let mut peer_versions = None;
@@ -819,6 +833,99 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
         ratio: Some(grpo_rates[1] / grpo_rates[0]),
     });
     Ok(rows)
+}
+
+/// The learner rows with the batch split over 2 processes of 1 thread
+/// each (c10d, Gloo on loopback) beside 1 process of 1 thread, both run as
+/// child processes of this binary (`bench --only learner`), the same
+/// global batch and model.
+fn dist_rows(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    const WORLD: usize = 2;
+    let exe = std::env::current_exe().context("locating the medzero binary")?;
+    let args = |cmd: &mut std::process::Command| {
+        cmd.args([
+            "bench",
+            "--only",
+            "learner",
+            "--no-peer",
+            "--json",
+            "--threads",
+            "1",
+        ]);
+        if let Some(m) = &cfg.model {
+            cmd.arg("--model").arg(m);
+        }
+        cmd.env_remove("WORLD_SIZE")
+            .stderr(std::process::Stdio::inherit());
+    };
+    let rows_of = |out: std::process::Output, what: &str| -> Result<Vec<BenchRow>> {
+        if !out.status.success() {
+            bail!("bench: the {what} worker failed ({})", out.status);
+        }
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("bench: the {what} worker's JSON"))?;
+        let rows = report["rows"].as_array().cloned().unwrap_or_default();
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(BenchRow {
+                    name: r["name"].as_str()?.to_string(),
+                    unit: r["unit"].as_str()?.to_string(),
+                    medzero: r["medzero"].as_f64()?,
+                    peer: None,
+                    ratio: None,
+                })
+            })
+            .collect())
+    };
+    eprintln!("bench: learner steps in 1 process x 1 thread");
+    let mut one = std::process::Command::new(&exe);
+    args(&mut one);
+    let single = rows_of(one.output()?, "1-process")?;
+
+    eprintln!("bench: learner steps in {WORLD} processes x 1 thread (Gloo, loopback)");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let children: Vec<std::process::Child> = (0..WORLD)
+        .map(|rank| {
+            let mut cmd = std::process::Command::new(&exe);
+            args(&mut cmd);
+            cmd.env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", WORLD.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("starting a bench worker")
+        })
+        .collect::<Result<_>>()?;
+    let mut outputs = children
+        .into_iter()
+        .map(|c| c.wait_with_output().context("waiting for a bench worker"))
+        .collect::<Result<Vec<_>>>()?;
+    let rank0 = outputs.remove(0);
+    if let Some(bad) = outputs.iter().find(|o| !o.status.success()) {
+        bail!("bench: a {WORLD}-process worker failed ({})", bad.status);
+    }
+    let parallel = rows_of(rank0, "rank-0")?;
+    Ok(parallel
+        .into_iter()
+        .filter_map(|p| {
+            let base = single.iter().find(|s| s.name == p.name)?;
+            Some(BenchRow {
+                name: format!(
+                    "{}, {WORLD} processes x 1 thread (peer: 1 process x 1 thread)",
+                    p.name
+                ),
+                unit: p.unit,
+                medzero: p.medzero,
+                peer: Some(base.medzero),
+                ratio: Some(p.medzero / base.medzero),
+            })
+        })
+        .collect())
 }
 
 /// Tokens/s of `cfg.train_steps` steps, best of `cfg.repeats`.

@@ -1,0 +1,148 @@
+//! Data parallelism for the offline loop over c10d (`medzero_dist`): every
+//! rank takes a contiguous shard of each optimizer step's items, gradients
+//! are summed over the ranks in flat buckets before clipping and AdamW, so
+//! every rank applies the same update to the same weights. A micro-batch's
+//! loss is already its share of the whole step's loss ([`super::MicroLoss`]),
+//! so the summed gradient is the one-process gradient of the global batch.
+
+use anyhow::{Context, Result, bail};
+use medzero_dist::Group;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tch::{Kind, Tensor};
+
+/// Gradient elements per allreduce: few enough calls for a small model,
+/// buckets small enough not to double a large model's memory.
+const BUCKET: i64 = 1 << 23;
+
+/// This rank's share of a step's items: the `rank`-th of `world`
+/// contiguous equal shards (the step size is checked to divide).
+pub fn shard<'a>(picked: &'a [usize], group: Option<&Group>) -> &'a [usize] {
+    match group {
+        Some(g) => {
+            let per = picked.len() / g.world();
+            &picked[g.rank() * per..(g.rank() + 1) * per]
+        }
+        None => picked,
+    }
+}
+
+/// The global batch (`batch_size * grad_accum`) must split evenly.
+pub fn check_divides(per_step: usize, group: Option<&Group>, tag: &str) -> Result<()> {
+    if let Some(g) = group
+        && !per_step.is_multiple_of(g.world())
+    {
+        bail!(
+            "{tag}: batch_size * grad_accum = {per_step} sequences per step does not split over \
+             {} ranks; make it a multiple of WORLD_SIZE",
+            g.world()
+        );
+    }
+    Ok(())
+}
+
+/// Sums every parameter's gradient over the ranks. A parameter some rank
+/// left without a gradient gets zeros there first, so all ranks step the
+/// same set of parameters. Buckets are reduced in f32 (f64 stays f64), so
+/// bf16 gradients lose nothing in the sum.
+pub fn allreduce_grads(group: &Group, params: &[Tensor]) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        let defined: Vec<i64> = params.iter().map(|p| p.grad().defined() as i64).collect();
+        let mut any = Tensor::from_slice(&defined);
+        group.allreduce_sum(&mut any)?;
+        let any: Vec<i64> = Vec::try_from(&any)?;
+        let missing: Vec<&Tensor> = params
+            .iter()
+            .zip(&any)
+            .filter(|(p, n)| **n > 0 && !p.grad().defined())
+            .map(|(p, _)| p)
+            .collect();
+        if !missing.is_empty() {
+            // d/dp of 0 * sum(p) is a zero gradient of p's shape and dtype.
+            tch::with_grad(|| {
+                let zero = missing
+                    .iter()
+                    .map(|p| p.sum(p.kind()).g_mul_scalar(0.0))
+                    .reduce(|a, b| a + b)
+                    .expect("non-empty");
+                zero.backward();
+            });
+        }
+        let grads: Vec<Tensor> = params
+            .iter()
+            .zip(&any)
+            .filter(|(_, n)| **n > 0)
+            .map(|(p, _)| p.grad())
+            .collect();
+        for wide in [Kind::Double, Kind::Float] {
+            let group_of = |g: &&Tensor| (g.kind() == Kind::Double) == (wide == Kind::Double);
+            let mut bucket: Vec<&Tensor> = Vec::new();
+            let mut elems = 0;
+            for g in grads.iter().filter(group_of) {
+                if elems + g.numel() as i64 > BUCKET && !bucket.is_empty() {
+                    reduce_bucket(group, &bucket, wide)?;
+                    bucket.clear();
+                    elems = 0;
+                }
+                elems += g.numel() as i64;
+                bucket.push(g);
+            }
+            if !bucket.is_empty() {
+                reduce_bucket(group, &bucket, wide)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn reduce_bucket(group: &Group, grads: &[&Tensor], kind: Kind) -> Result<()> {
+    let flat: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.to_kind(kind).reshape([-1]))
+        .collect();
+    let mut flat = Tensor::cat(&flat, 0);
+    group.allreduce_sum(&mut flat)?;
+    let mut offset = 0;
+    for g in grads {
+        let n = g.numel() as i64;
+        g.shallow_clone()
+            .copy_(&flat.narrow(0, offset, n).view(g.size().as_slice()));
+        offset += n;
+    }
+    Ok(())
+}
+
+/// Sums host scalars over the ranks (a step's loss, tokens, metrics).
+pub fn allreduce_values(group: &Group, values: &mut [f64]) -> Result<()> {
+    let mut t = Tensor::from_slice(values);
+    group.allreduce_sum(&mut t)?;
+    values.copy_from_slice(&Vec::<f64>::try_from(&t)?);
+    Ok(())
+}
+
+/// Rank 0's tensors everywhere, in place (same names, shapes and order on
+/// every rank).
+pub fn broadcast_tensors(group: &Group, tensors: &[Tensor]) -> Result<()> {
+    tch::no_grad(|| {
+        for t in tensors {
+            group.broadcast(&mut t.shallow_clone(), 0)?;
+        }
+        Ok(())
+    })
+}
+
+/// Rank 0's `value`, on every rank (as JSON bytes).
+pub fn broadcast_json<T: Serialize + DeserializeOwned>(group: &Group, value: &T) -> Result<T> {
+    let bytes = serde_json::to_vec(value)?;
+    let mut len = Tensor::from_slice(&[bytes.len() as i64]);
+    group.broadcast(&mut len, 0)?;
+    let len = len.int64_value(&[0]) as usize;
+    let mut buf = if group.rank() == 0 {
+        Tensor::from_slice(&bytes)
+    } else {
+        Tensor::zeros([len as i64], (Kind::Uint8, tch::Device::Cpu))
+    };
+    group.broadcast(&mut buf, 0)?;
+    let got: Vec<u8> = Vec::try_from(&buf)?;
+    serde_json::from_slice(&got).context("rank 0's broadcast state does not parse")
+}

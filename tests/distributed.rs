@@ -1,0 +1,230 @@
+//! Data-parallel training over several processes on c10d (Gloo on
+//! loopback), launched as users launch it: torchrun, or the ranks' variables
+//! set by hand (as srun does). The invariants: N processes train the weights
+//! one process trains on the same global batch; a killed rank fails its
+//! peers by name within the collective timeout; the rerun resumes, with any
+//! world size.
+
+mod support;
+
+use medzero_policies::Policy;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{TINY_WORLD, medzero, stderr, write_config};
+
+/// A chains SFT stage over the tiny world: 8 questions, global batch 8.
+fn config(dir: &Path, epochs: usize, batch: usize, accum: usize) -> String {
+    let text = format!(
+        r#"[run]
+name = "dp"
+threads = 1
+collective_timeout_s = 20
+{TINY_WORLD}
+[[stages]]
+kind = "distill_chains"
+name = "chains"
+[stages.sft]
+epochs = {epochs}
+batch_size = {batch}
+grad_accum = {accum}
+lr = 3e-3
+warmup_ratio = 0.0
+checkpoint_every = 10
+keep_checkpoints = 100
+"#
+    );
+    write_config(dir, &text)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Rank `rank` of `world` with the variables torchrun would set.
+fn rank(config: &str, rank: usize, world: usize, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_medzero"))
+        .args(["run", config])
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting medzero")
+}
+
+fn model(run: &Path) -> PathBuf {
+    run.join("stages/0-chains/model")
+}
+
+fn weights(dir: &Path) -> Vec<(String, tch::Tensor)> {
+    Policy::load(dir, tch::Device::Cpu, None)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .named_parameters()
+}
+
+fn max_abs_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+fn one_process(epochs: usize, batch: usize, accum: usize) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), epochs, batch, accum);
+    let o = medzero(&["run", &cfg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = dir.path().join("runs/dp");
+    (dir, run)
+}
+
+/// torchrun with 2 processes: each takes 4 of the step's 8 sequences and the
+/// gradients are summed over Gloo. One process with the same micro-batches
+/// (4 x 2 accumulated) gives the same weights bit for bit; one process on
+/// the whole batch at once (8 x 1) within 1e-6 after 10 steps (the sums
+/// inside the forward pass group differently). Both ranks hold the same
+/// weights, and only rank 0 writes the run folder's results.
+#[test]
+fn torchrun_two_processes_train_the_weights_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 10, 8, 1);
+    let o = Command::new(support::python())
+        .args([
+            "-m",
+            "torch.distributed.run",
+            "--no-python",
+            "--nproc-per-node",
+            "2",
+        ])
+        .arg(format!("--master-port={}", free_port()))
+        .arg(env!("CARGO_BIN_EXE_medzero"))
+        .args(["run", &cfg])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running torchrun");
+    assert!(o.status.success(), "torchrun: {}", stderr(&o));
+    let run = dir.path().join("runs/dp");
+    assert!(run.join("results.json").exists());
+    let rank1 = run.join("ranks/1");
+    assert_eq!(
+        max_abs_diff(&model(&run), &model(&rank1)),
+        0.0,
+        "ranks differ"
+    );
+
+    let (_a, accumulated) = one_process(10, 4, 2);
+    assert_eq!(
+        max_abs_diff(&model(&run), &model(&accumulated)),
+        0.0,
+        "2 processes differ from 1 process over the same micro-batches"
+    );
+    let (_b, whole) = one_process(10, 8, 1);
+    let diff = max_abs_diff(&model(&run), &model(&whole));
+    assert!(
+        diff <= 1e-6,
+        "2 processes vs 1 on the whole batch: {diff:e}"
+    );
+}
+
+/// SIGKILL rank 1 after the first checkpoints: rank 0 fails within the
+/// collective timeout (20 s) naming rank 1; rerunning the command with one
+/// process resumes from rank 0's checkpoint and ends on the weights of an
+/// uninterrupted run.
+#[test]
+fn a_killed_rank_fails_its_peer_by_name_and_the_run_resumes() {
+    const EPOCHS: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), EPOCHS, 4, 2);
+    let port = free_port();
+    let mut r0 = rank(&cfg, 0, 2, port);
+    let mut r1 = rank(&cfg, 1, 2, port);
+    let ckpts = dir.path().join("runs/dp/stages/0-chains/checkpoints");
+    let started = Instant::now();
+    while std::fs::read_dir(&ckpts).map_or(0, |d| d.count()) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint");
+        assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r1.kill().unwrap();
+    let killed = Instant::now();
+    r1.wait().unwrap();
+    let out = r0.wait_with_output().unwrap();
+    let waited = killed.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rank 0 succeeded without its peer");
+    assert!(waited < Duration::from_secs(30), "rank 0 took {waited:?}");
+    assert!(err.contains("rank 1 stopped responding"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let o = medzero(&["run", &cfg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
+    let (_u, uninterrupted) = one_process(EPOCHS, 4, 2);
+    let run = dir.path().join("runs/dp");
+    assert_eq!(max_abs_diff(&model(&run), &model(&uninterrupted)), 0.0);
+}
+
+/// A rank whose peers never come fails at the rendezvous within the
+/// timeout; bad launch variables and stages that cannot run data parallel
+/// are refused before any rendezvous.
+#[test]
+fn launch_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, 8, 1);
+    let short = format!("{cfg}.short.toml");
+    std::fs::write(
+        &short,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("collective_timeout_s = 20", "collective_timeout_s = 2"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let alone = rank(&short, 0, 2, free_port()).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&alone.stderr);
+    assert!(!alone.status.success());
+    assert!(started.elapsed() < Duration::from_secs(15), "{err}");
+    assert!(err.contains("rank 0/2: no rendezvous"), "{err}");
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_medzero"))
+        .args(["run", &cfg])
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "29500")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("RANK = \"2\" is not valid: must be below WORLD_SIZE"));
+
+    let online = dir.path().join("online.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + r#"
+[[stages]]
+kind = "rejection_sampling"
+init = "chains"
+"#;
+    std::fs::write(&online, text).unwrap();
+    let o = rank(online.to_str().unwrap(), 0, 2, free_port())
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("does not run over several processes yet"),
+        "{err}"
+    );
+}
