@@ -63,6 +63,21 @@ enum Command {
         /// service, queue, runtime, dist.
         #[arg(long)]
         only: Vec<String>,
+        /// cpu, cuda, cuda:N or auto: where medzero's side runs (decode,
+        /// learner, mcts and service rows; the others are CPU-only).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16 weights (bf16 trains with f32 master weights).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Decode batch sizes, comma-separated (default 1,32; 1,8,32 with
+        /// --model).
+        #[arg(long, value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// The device's peak dense TFLOP/s at --dtype: adds the learner
+        /// steps' model FLOPs utilisation (6 x parameters x tokens/s).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
     },
 }
 
@@ -256,7 +271,23 @@ fn dispatch(cli: Cli) -> Result<()> {
             threads,
             model,
             only,
-        } => bench::command(json, no_peer, threads, model, only),
+            device,
+            dtype,
+            batches,
+            peak_tflops,
+        } => bench::command(bench::Options {
+            json,
+            no_peer,
+            threads,
+            model,
+            only,
+            device: device_arg(&device)?,
+            dtype: medzero_policies::llama::DType::parse(&dtype)
+                .filter(|d| *d != medzero_policies::llama::DType::F16)
+                .ok_or_else(|| anyhow::anyhow!("--dtype must be f32 or bf16, got {dtype:?}"))?,
+            batches,
+            peak_tflops,
+        }),
     }
 }
 

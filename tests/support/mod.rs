@@ -110,6 +110,22 @@ checkpoint_every = 0
     )
 }
 
+/// A 60-step memorising chains run of the tiny world on `device` in
+/// `dtype`, under `dir`: its run folder and `train/loss` at every step.
+pub fn chains_run(dir: &Path, device: &str, dtype: &str) -> (PathBuf, Vec<f64>) {
+    let text = format!(
+        "[run]\nname = \"c\"\nthreads = 1\ndevice = \"{device}\"\n{TINY_WORLD}\ndtype = \"{dtype}\"\n{}log_every = 1\n",
+        chains_stage(60)
+    );
+    let config = write_config(dir, &text);
+    let o = medzero(&["run", &config]);
+    assert!(o.status.success(), "{device} {dtype}: {}", stderr(&o));
+    let run = dir.join("runs/c");
+    let tb = tb_read(&run.join("stages/0-chains"));
+    let loss = tb["scalars"]["train/loss"].as_array().expect("train/loss");
+    (run, loss.iter().map(|p| p[1].as_f64().unwrap()).collect())
+}
+
 /// Trains a student on [`TINY_WORLD`]'s gold chains until it has memorised
 /// them (150 epochs, seconds) in run `name` under `dir`; returns the run
 /// folder (its model: `stages/0-chains/model`).

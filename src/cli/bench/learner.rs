@@ -75,6 +75,10 @@ impl<'p> LearnerStep<'p> {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let seqs = random_prompts(&mut rng, batch, len, policy.config().vocab_size);
         let (ids, mask) = pad_right(&seqs, 0);
+        let (ids, mask) = (
+            ids.to_device(policy.device()),
+            mask.to_device(policy.device()),
+        );
         Ok(LearnerStep {
             policy,
             opt: optimizer(policy)?,
@@ -107,7 +111,7 @@ impl<'p> LearnerStep<'p> {
         let reference = Policy::new_random(
             policy.config(),
             policy.tokenizer.clone(),
-            tch::Device::Cpu,
+            policy.device(),
             1,
         )?;
         Ok(LearnerStep {
@@ -155,6 +159,11 @@ impl<'p> LearnerStep<'p> {
             ),
             tokens: rows * 2 * half,
         })
+    }
+
+    /// The policy's parameter count (for FLOPs per token).
+    pub fn parameters(&self) -> i64 {
+        self.policy.config().num_parameters()
     }
 
     /// Whether [`LearnerStep::step`] splits its batch over the ranks of a

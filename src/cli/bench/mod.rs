@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use learner::{GROUP, LearnerStep, random_prompts};
 use medzero_envs::synthclinic::SynthClinic;
 use medzero_policies::device::DeviceInfo;
+use medzero_policies::llama::DType;
 use medzero_policies::{Policy, SamplingParams};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -41,7 +42,16 @@ pub struct BenchConfig {
     pub model: Option<PathBuf>,
     /// Row groups to run (empty: all): see [`GROUPS`].
     pub only: Vec<String>,
+    /// Where medzero's decode, learner, search and service rows run.
+    #[serde(skip)]
+    pub device: tch::Device,
+    pub dtype: DType,
+    /// The device's peak dense TFLOP/s at `dtype`, for the learner's MFU.
+    pub peak_tflops: Option<f64>,
 }
+
+/// The groups that run on a GPU; the rest time CPU-side machinery.
+const DEVICE_GROUPS: [&str; 4] = ["decode", "learner", "mcts", "service"];
 
 /// The row groups of the bench, in the order they run.
 pub const GROUPS: [&str; 7] = [
@@ -66,6 +76,9 @@ impl Default for BenchConfig {
             peer: true,
             model: None,
             only: Vec::new(),
+            device: tch::Device::Cpu,
+            dtype: DType::F32,
+            peak_tflops: None,
         }
     }
 }
@@ -166,14 +179,29 @@ fn best<F: FnMut() -> Result<()>>(repeats: usize, mut f: F) -> Result<f64> {
     Ok(best)
 }
 
+/// What `medzero bench` was asked for.
+pub struct Options {
+    pub json: bool,
+    pub no_peer: bool,
+    pub threads: Option<usize>,
+    pub model: Option<PathBuf>,
+    pub only: Vec<String>,
+    pub device: tch::Device,
+    pub dtype: DType,
+    pub batches: Vec<usize>,
+    pub peak_tflops: Option<f64>,
+}
+
 /// `medzero bench`: the table (or JSON) on stdout.
-pub(super) fn command(
-    json: bool,
-    no_peer: bool,
-    threads: Option<usize>,
-    model: Option<PathBuf>,
-    only: Vec<String>,
-) -> Result<()> {
+pub(super) fn command(o: Options) -> Result<()> {
+    let Options {
+        json,
+        no_peer,
+        threads,
+        model,
+        only,
+        ..
+    } = o;
     let mut cfg = match model {
         Some(dir) => BenchConfig::for_model(crate::infra::io::resolve_model(&dir)?),
         None => BenchConfig::default(),
@@ -185,6 +213,43 @@ pub(super) fn command(
             GROUPS.join(", ")
         );
     }
+    if o.device != tch::Device::Cpu {
+        if cfg.peer {
+            bail!(
+                "--device {:?}: the peer side runs on the CPU only; add --no-peer",
+                o.device
+            );
+        }
+        match only.iter().find(|g| !DEVICE_GROUPS.contains(&g.as_str())) {
+            Some(g) => bail!(
+                "--only {g} times CPU-side machinery; on a GPU the groups are {}",
+                DEVICE_GROUPS.join(", ")
+            ),
+            None if only.is_empty() => bail!(
+                "--device {:?}: name the groups to run (--only {})",
+                o.device,
+                DEVICE_GROUPS.join(" --only ")
+            ),
+            None => {}
+        }
+    }
+    if o.dtype != DType::F32 && cfg.peer {
+        bail!("--dtype bf16: the peer side runs in f32; add --no-peer");
+    }
+    if let Some(p) = o.peak_tflops
+        && !(p.is_finite() && p > 0.0)
+    {
+        bail!("--peak-tflops must be a number > 0, got {p}");
+    }
+    if o.batches.contains(&0) {
+        bail!("--batches: a batch size must be at least 1");
+    }
+    if !o.batches.is_empty() {
+        cfg.batches = o.batches;
+    }
+    cfg.device = o.device;
+    cfg.dtype = o.dtype;
+    cfg.peak_tflops = o.peak_tflops;
     cfg.only = only;
     if let Some(t) = threads {
         if !(1..=1024).contains(&t) {
@@ -214,11 +279,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     tch::set_num_threads(cfg.threads as i32);
     // The quickstart's student (the model every CPU experiment trains), or
     // the given folder.
-    let exp = Config::default();
+    let mut exp = Config::default();
+    exp.student.dtype = cfg.dtype;
     let world = SynthClinic::generate(&exp.data.synthclinic)?;
     let policy = match &cfg.model {
-        Some(dir) => Policy::load(dir, tch::Device::Cpu, None)?,
-        None => base_student(&exp, &world, tch::Device::Cpu)?,
+        Some(dir) => Policy::load(dir, cfg.device, Some(cfg.dtype))?,
+        None => base_student(&exp, &world, cfg.device)?,
     };
     let c = policy.config();
     let model = format!(
@@ -302,18 +368,18 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
 
     if cfg.wants("learner") {
         // Learner: one optimizer step (forward, backward, clip, AdamW).
-        rows.push(learner_row(
+        rows.extend(learner_row(
             LearnerStep::sft(&policy, cfg.train_batch, cfg.train_len)?,
             cfg,
         )?);
-        rows.push(learner_row(
+        rows.extend(learner_row(
             LearnerStep::dpo(&policy, cfg.train_batch, cfg.train_len)?,
             cfg,
         )?);
     }
     if cfg.model.is_none() && medzero_dist::world().is_none() {
         if cfg.wants("learner") {
-            rows.push(learner_row(
+            rows.extend(learner_row(
                 LearnerStep::grpo(&policy, cfg.train_batch, cfg.train_len)?,
                 cfg,
             )?);
@@ -324,15 +390,16 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         if cfg.wants("service") {
             rows.push(mcts_service_row(&policy, &world)?);
         }
-        if cfg.wants("queue") {
+        if cfg.wants("queue") && cfg.device == tch::Device::Cpu {
             rows.extend(queue_rows());
         }
-        if cfg.wants("runtime") {
+        if cfg.wants("runtime") && cfg.device == tch::Device::Cpu {
             rows.extend(runtime_rows(&policy, &world, cfg)?);
         }
     }
 
-    if cfg.wants("service") && medzero_dist::world().is_none() {
+    // Placement compares CPU actors' own copies with one shared service.
+    if cfg.wants("service") && medzero_dist::world().is_none() && cfg.device == tch::Device::Cpu {
         rows.extend(placement_rows(&policy, &world, cfg)?);
     }
     if cfg.wants("dist") && medzero_dist::world().is_none() {
@@ -373,14 +440,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             r.ratio = value.map(|p| r.medzero / p);
         }
     }
-    let stamp = format!(
-        "{}, dtype f32",
-        DeviceInfo::current(tch::Device::Cpu).stamp()
-    );
+    let dtype = cfg.dtype.hf_name().replace("float", "f");
+    let stamp = format!("{}, dtype {dtype}", DeviceInfo::current(cfg.device).stamp());
     Ok(BenchReport {
         stamp,
         model,
-        dtype: "f32".into(),
+        dtype,
         peer_versions,
         rows,
     })
@@ -928,21 +993,40 @@ fn dist_rows(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         .collect())
 }
 
-/// Tokens/s of `cfg.train_steps` steps, best of `cfg.repeats`.
-fn learner_row(mut step: LearnerStep, cfg: &BenchConfig) -> Result<BenchRow> {
+/// Tokens/s of `cfg.train_steps` steps, best of `cfg.repeats`; with
+/// `cfg.peak_tflops`, a second row: the model FLOPs utilisation, counting
+/// 6 x parameters per trained token (forward and backward, no attention
+/// term) against that peak.
+fn learner_row(mut step: LearnerStep, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let secs = best(cfg.repeats, || {
         for _ in 0..cfg.train_steps {
             step.step()?;
         }
+        // CUDA runs asynchronously: the step is done when the device is.
+        if let tch::Device::Cuda(i) = cfg.device {
+            tch::Cuda::synchronize(i as i64);
+        }
         Ok(())
     })?;
-    Ok(BenchRow {
+    let tokens_per_s = (cfg.train_steps * step.tokens) as f64 / secs;
+    let mut rows = vec![BenchRow {
         name: step.name.clone(),
         unit: "tokens/s".into(),
-        medzero: (cfg.train_steps * step.tokens) as f64 / secs,
+        medzero: tokens_per_s,
         peer: None,
         ratio: None,
-    })
+    }];
+    if let Some(peak) = cfg.peak_tflops {
+        let flops = 6.0 * step.parameters() as f64 * tokens_per_s;
+        rows.push(BenchRow {
+            name: format!("{}: MFU at a {peak} TFLOP/s peak", step.name),
+            unit: "%".into(),
+            medzero: 100.0 * flops / (peak * 1e12),
+            peer: None,
+            ratio: None,
+        });
+    }
+    Ok(rows)
 }
 
 fn run_peer(policy: &Policy, cfg: &BenchConfig) -> Result<serde_json::Value> {
