@@ -13,13 +13,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{TINY_WORLD, medzero, stderr, write_config};
 
-/// A chains SFT stage over the tiny world: 8 questions, global batch 8.
-fn config(dir: &Path, epochs: usize, batch: usize, accum: usize) -> String {
+/// A run "dp" of the tiny world (8 questions): `run` lines in `[run]`, a
+/// chains SFT stage of global batch `batch * accum`, then `more` stages.
+fn experiment(dir: &Path, run: &str, sft: (usize, usize, usize), more: &str) -> String {
+    let (epochs, batch, accum) = sft;
     let text = format!(
         r#"[run]
 name = "dp"
 threads = 1
 collective_timeout_s = 20
+{run}
 {TINY_WORLD}
 [[stages]]
 kind = "distill_chains"
@@ -32,9 +35,14 @@ lr = 3e-3
 warmup_ratio = 0.0
 checkpoint_every = 10
 keep_checkpoints = 100
-"#
+{more}"#
     );
     write_config(dir, &text)
+}
+
+/// The chains stage alone.
+fn config(dir: &Path, epochs: usize, batch: usize, accum: usize) -> String {
+    experiment(dir, "", (epochs, batch, accum), "")
 }
 
 fn free_port() -> u16 {
@@ -179,8 +187,8 @@ fn a_killed_rank_fails_its_peer_by_name_and_the_run_resumes() {
 }
 
 /// A rank whose peers never come fails at the rendezvous within the
-/// timeout; bad launch variables and stages that cannot run data parallel
-/// are refused before any rendezvous.
+/// timeout; bad launch variables, online learners without actor ranks in a
+/// distributed run, and actor ranks in one process are refused at load.
 #[test]
 fn launch_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,20 +219,119 @@ fn launch_errors_are_clear() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("RANK = \"2\" is not valid: must be below WORLD_SIZE"));
 
-    let online = dir.path().join("online.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap()
-        + r#"
-[[stages]]
-kind = "rejection_sampling"
-init = "chains"
-"#;
-    std::fs::write(&online, text).unwrap();
-    let o = rank(online.to_str().unwrap(), 0, 2, free_port())
-        .wait_with_output()
-        .unwrap();
+    let online = online_config(dir.path(), "", "mode = \"sync\"");
+    let o = rank(&online, 0, 2, free_port()).wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("does not run over several processes yet"),
+        err.contains("does not run data parallel (WORLD_SIZE = 2); set runtime.actor_ranks"),
         "{err}"
     );
+    let alone = online_config(dir.path(), "", "actor_ranks = true");
+    let o = medzero(&["run", &alone]);
+    assert!(
+        stderr(&o).contains("runtime.actor_ranks needs several processes"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// The chains (micro-batches of 4, so 2 data-parallel ranks train them
+/// bit-identically), then rejection sampling that keeps every sample
+/// (min_reward 0), with `runtime` settings.
+fn online_config(dir: &Path, run: &str, runtime: &str) -> String {
+    let rs = format!(
+        r#"
+[[stages]]
+kind = "rejection_sampling"
+name = "rs"
+init = "chains"
+min_reward = 0.0
+[stages.sampling]
+samples = 2
+max_new_tokens = 16
+[stages.learner]
+batch_size = 4
+[stages.runtime]
+round_size = 4
+{runtime}
+"#
+    );
+    experiment(dir, run, (20, 4, 2), &rs)
+}
+
+fn two_ranks(config: &str) {
+    let port = free_port();
+    let children = [rank(config, 0, 2, port), rank(config, 1, 2, port)];
+    for (r, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "rank {r}: {err}");
+    }
+}
+
+fn report(run: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(run.join("stages/1-rs/report.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// One learner rank and one actor rank (deterministic mode): the actor rank
+/// receives each round's weights, rolls out every problem on its stream and
+/// sends the trajectories back; the store holds, byte for byte, what one
+/// process with a local actor stores, no trajectory is lost, the learner
+/// ends on the same weights, and the actor rank leaves the stage holding
+/// them too.
+#[test]
+fn an_actor_rank_generates_what_a_local_actor_would() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let local = online_config(a.path(), "", "mode = \"deterministic\"");
+    let o = medzero(&["run", &local]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let remote = online_config(b.path(), "", "mode = \"deterministic\"\nactor_ranks = true");
+    two_ranks(&remote);
+    let (one, two) = (a.path().join("runs/dp"), b.path().join("runs/dp"));
+    let store = |run: &Path| std::fs::read(run.join("stages/1-rs/trajectories.jsonl")).unwrap();
+    assert_eq!(store(&one), store(&two), "the stores differ");
+    let (r1, r2) = (report(&one), report(&two));
+    assert_eq!(r1["counters"], r2["counters"]);
+    assert!(
+        r2["steps"].as_u64().unwrap() > 0,
+        "the learner never stepped: {r2}"
+    );
+    let rollouts = r2["counters"]["rollouts"].as_u64().unwrap();
+    assert_eq!(rollouts, 8, "{r2}");
+    let model = |run: &Path| run.join("stages/1-rs/model");
+    assert_eq!(max_abs_diff(&model(&one), &model(&two)), 0.0);
+    assert_eq!(
+        max_abs_diff(&model(&two), &model(&two.join("ranks/1"))),
+        0.0
+    );
+}
+
+/// Asynchronous with one actor rank and a lag cap of 1: every rollout
+/// arrives and is stored (none lost, none failed), and no step trains on
+/// data more than one version old.
+#[test]
+fn an_async_actor_rank_stays_within_the_lag_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = online_config(
+        dir.path(),
+        "deterministic = false",
+        "mode = \"async\"\nactor_ranks = true\nmax_policy_lag = 1",
+    );
+    two_ranks(&cfg);
+    let run = dir.path().join("runs/dp");
+    let r = report(&run);
+    let c = &r["counters"];
+    assert_eq!(c["rollouts"], 8, "{r}");
+    assert_eq!(c["failed"], 0, "{r}");
+    assert_eq!(r["trajectories"], c["stored"], "{r}");
+    let tb = support::tb_read(&run.join("stages/1-rs"));
+    let lags = tb["scalars"]["train/version_diff_max"]
+        .as_array()
+        .expect("lags");
+    let max = lags
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(max <= 1.0, "trained on data {max} versions old");
 }

@@ -39,6 +39,23 @@ unsafe extern "C" {
         len: usize,
     ) -> i32;
     fn mz_c10d_barrier(group: *mut c_void, err: *mut c_char, len: usize) -> i32;
+    fn mz_c10d_send(
+        group: *mut c_void,
+        t: *mut c_void,
+        dst: i32,
+        tag: i32,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn mz_c10d_recv(
+        group: *mut c_void,
+        t: *mut c_void,
+        src: i32,
+        tag: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
     fn mz_c10d_heartbeats(
         group: *mut c_void,
         counts: *mut i64,
@@ -264,6 +281,49 @@ impl Group {
             )
         };
         self.check("broadcast", rc, &err)
+    }
+
+    /// Sends `t` to rank `dst` under `tag` (a matching [`Group::recv`] there).
+    pub fn send(&self, t: &Tensor, dst: usize, tag: i32) -> Result<(), DistError> {
+        let mut err = vec![0u8; ERR_LEN];
+        let mut t = t.shallow_clone();
+        let rc = unsafe {
+            mz_c10d_send(
+                self.raw,
+                t.as_mut_ptr().cast(),
+                dst as i32,
+                tag,
+                err.as_mut_ptr().cast(),
+                ERR_LEN,
+            )
+        };
+        self.check("send", rc, &err)
+    }
+
+    /// Receives into `t` (its shape and dtype must be the sender's) from
+    /// rank `src` under `tag`. `None` waits as long as the sender lives: a
+    /// peer that exits resets the connection, which fails the wait at once.
+    pub fn recv(
+        &self,
+        t: &mut Tensor,
+        src: usize,
+        tag: i32,
+        timeout: Option<Duration>,
+    ) -> Result<(), DistError> {
+        let mut err = vec![0u8; ERR_LEN];
+        let timeout_ms = timeout.map_or(-1, |d| d.as_millis() as i64);
+        let rc = unsafe {
+            mz_c10d_recv(
+                self.raw,
+                t.as_mut_ptr().cast(),
+                src as i32,
+                tag,
+                timeout_ms,
+                err.as_mut_ptr().cast(),
+                ERR_LEN,
+            )
+        };
+        self.check("recv", rc, &err)
     }
 
     /// Returns once every rank has called it.

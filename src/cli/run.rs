@@ -10,8 +10,10 @@ pub(super) fn run(config: Option<&Path>, set: &[String], fresh: bool) -> Result<
         Some(path) => Config::from_file(path, set)?,
         None => Config::load(QUICKSTART, "quickstart (embedded)", set)?,
     };
-    if let Some(launch) = medzero_dist::Launch::from_env()? {
-        crate::stages::registry::check_distributed(&cfg.stages, launch.world)?;
+    let launch = medzero_dist::Launch::from_env()?;
+    let world = launch.as_ref().map_or(1, |l| l.world);
+    crate::stages::registry::check_distributed(&cfg.stages, world)?;
+    if let Some(launch) = launch {
         let timeout = std::time::Duration::from_secs_f64(cfg.run.collective_timeout_s);
         medzero_dist::init(medzero_dist::Group::connect(&launch, timeout)?)?;
     }

@@ -7,6 +7,7 @@
 //! actor rebuilt from the current weights and the problem handed back.
 
 use super::queue::TrajectoryQueue;
+use super::remote::RemoteActor;
 use super::service::{Client, Generate};
 use super::source::{Next, ProblemSource, WorkItem};
 use super::weights::WeightSlot;
@@ -93,6 +94,9 @@ pub enum Model<'a> {
     Own(&'a (dyn Fn() -> Result<Policy> + Sync)),
     /// The inference service.
     Served(Client<'a>),
+    /// An actor rank of a distributed run, which rolls out with weights
+    /// this actor sends it.
+    Remote(RemoteActor<'a>),
 }
 
 /// What one rollout produced.
@@ -182,6 +186,7 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
             (Live::Own { policy, build }, v)
         }
         Model::Served(client) => (Live::Served(client), shared.slot.version()),
+        Model::Remote(remote) => (Live::Remote(remote), shared.slot.version()),
     };
     stats.version.store(version, Ordering::Relaxed);
     let backoff = Backoff::new();
@@ -203,7 +208,7 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
         backoff.reset();
         // Checked after taking the item: a round's weights are published
         // before its items are released, so this sees them.
-        match &live {
+        match &mut live {
             Live::Own { policy, .. } => {
                 if let Some(s) = shared.slot.newer_than(version) {
                     s.apply(policy)?;
@@ -215,6 +220,11 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
             Live::Served(client) => {
                 client.take_oldest_version();
                 version = shared.slot.version();
+            }
+            Live::Remote(remote) => {
+                let snapshot = shared.slot.current();
+                remote.sync(&snapshot)?;
+                version = snapshot.version;
             }
         }
         stats.version.store(version, Ordering::Relaxed);
@@ -228,10 +238,26 @@ pub fn run(id: usize, shared: &Shared, stats: &Stats, model: Model) -> Result<()
                 panic!("injected fault (runtime.inject_panic_every)");
             }
             match &live {
-                Live::Own { policy, .. } => shared.rollout.rollout(policy, problem, &mut rng),
-                Live::Served(client) => shared.rollout.rollout_served(client, problem, &mut rng),
+                Live::Own { policy, .. } => Ok(shared.rollout.rollout(policy, problem, &mut rng)),
+                Live::Served(client) => {
+                    Ok(shared.rollout.rollout_served(client, problem, &mut rng))
+                }
+                // The rank draws from the same stream; a failed link fails
+                // the actor (the outer error), a failed rollout the problem.
+                Live::Remote(remote) => remote.rollout(item.index, item.attempt),
             }
         }));
+        let outcome = match outcome {
+            Ok(Err(link)) => {
+                let rank = match &live {
+                    Live::Remote(r) => r.rank(),
+                    _ => 0,
+                };
+                return Err(link.context(format!("the link to actor rank {rank} failed")));
+            }
+            Ok(Ok(r)) => Ok(r),
+            Err(panic) => Err(panic),
+        };
         if let Live::Served(client) = &live
             && let Some(v) = client.take_oldest_version()
         {
@@ -310,6 +336,7 @@ enum Live<'a> {
         build: &'a (dyn Fn() -> Result<Policy> + Sync),
     },
     Served(Client<'a>),
+    Remote(RemoteActor<'a>),
 }
 
 /// A fresh policy holding the newest published weights.

@@ -20,6 +20,7 @@
 
 use super::actor::{self, ActorMsg, Model, Rollout, Stats};
 use super::queue::TrajectoryQueue;
+use super::remote::{self, RemoteActor};
 use super::service::{self, ServiceConfig};
 use super::source::ProblemSource;
 use super::store::{STORE_FILE, TrajectoryStore, read_trajectories};
@@ -88,6 +89,10 @@ pub struct RuntimeConfig {
     /// Fault injection for tests: the first attempt at every problem whose
     /// index is a multiple of this panics inside its actor (0: off).
     pub inject_panic_every: usize,
+    /// With several processes (torchrun): ranks 1.. only generate, one
+    /// actor each with its own policy copy, and rank 0 runs the learner and
+    /// no actor of its own (see `runtime::remote`).
+    pub actor_ranks: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -104,6 +109,7 @@ impl Default for RuntimeConfig {
             publish_every: 1,
             max_policy_lag: 4,
             inject_panic_every: 0,
+            actor_ranks: false,
         }
     }
 }
@@ -119,6 +125,11 @@ impl RuntimeConfig {
         // Far more than any machine has; far fewer than would exhaust stacks.
         if self.actors > 256 || self.actor_threads > 1024 || self.learner_threads > 1024 {
             bail!("runtime: at most 256 actors and 1024 threads per actor or learner");
+        }
+        if self.actor_ranks && self.placement == Placement::Shared {
+            bail!(
+                "runtime: actor_ranks hold their own policy copies; use placement = \"per_actor\""
+            );
         }
         Ok(())
     }
@@ -275,6 +286,29 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     if s.runtime.learner_threads > 0 {
         tch::set_num_threads(s.runtime.learner_threads as i32);
     }
+    let ranks = medzero_dist::world().filter(|_| s.runtime.actor_ranks);
+    if s.runtime.actor_ranks && ranks.is_none() {
+        bail!(
+            "{}: runtime.actor_ranks needs several processes (WORLD_SIZE > 1, e.g. torchrun)",
+            s.name
+        );
+    }
+    if let Some(g) = ranks.filter(|g| g.rank() > 0) {
+        // An actor rank: serve rank 0's rollouts, end on its final weights.
+        remote::serve(g, s.policy, s.rollout, s.problems, s.seed)?;
+        return Ok(OnlineReport::default());
+    }
+    if let Some(g) = ranks
+        && s.runtime.mode == Mode::Deterministic
+        && g.world() > 2
+    {
+        bail!(
+            "{}: runtime.mode = \"deterministic\" runs one actor, but {} actor ranks would; \
+             use \"sync\" or WORLD_SIZE = 2",
+            s.name,
+            g.world() - 1
+        );
+    }
     let started = Instant::now();
     let adam = s.learner.adamw()?;
     let mut opt = AdamW::new(s.policy.named_parameters(), adam, AdamW::default_decay)?;
@@ -356,7 +390,7 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     let source = ProblemSource::new(todo.clone(), (state.epoch + 1) * round_size);
     let queue = TrajectoryQueue::new(s.runtime.queue_capacity);
     let slot = WeightSlot::new(PolicySnapshot::capture(s.policy, state.policy_version));
-    let n_actors = s.runtime.actor_count();
+    let n_actors = ranks.map_or(s.runtime.actor_count(), |g| g.world() - 1);
     let stats: Vec<Stats> = (0..n_actors).map(|_| Stats::default()).collect();
     let alive = AtomicUsize::new(n_actors);
     let shared = actor::Shared {
@@ -443,9 +477,10 @@ pub fn run(s: Online) -> Result<OnlineReport> {
             .enumerate()
             .map(|(id, st)| {
                 let (shared, alive) = (&shared, &alive);
-                let model = match &client {
-                    Some(c) => Model::Served(c.clone()),
-                    None => Model::Own(s.build_actor_policy),
+                let model = match (&client, ranks) {
+                    (_, Some(g)) => Model::Remote(RemoteActor::new(g, id + 1)),
+                    (Some(c), None) => Model::Served(c.clone()),
+                    (None, None) => Model::Own(s.build_actor_policy),
                 };
                 std::thread::Builder::new()
                     .name(format!("actor-{id}"))
@@ -499,6 +534,11 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     learner.monitor.bar.finish_and_clear();
     let stopped = outcome?;
     learner.store.sync()?;
+    if let Some(g) = ranks.filter(|_| !stopped) {
+        for rank in 1..g.world() {
+            RemoteActor::new(g, rank).finish(s.policy)?;
+        }
+    }
     let report = OnlineReport {
         steps: learner.state.step,
         policy_version: learner.state.policy_version,

@@ -10,6 +10,7 @@ pub mod actor;
 pub mod collect;
 pub mod learner;
 pub mod queue;
+pub mod remote;
 pub mod service;
 pub mod source;
 pub mod store;

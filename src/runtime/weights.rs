@@ -81,6 +81,17 @@ impl PolicySnapshot {
         })
     }
 
+    /// The tensors by name, in name order (a policy's variable order).
+    pub fn named(&self) -> Vec<(&str, &Tensor)> {
+        let mut v: Vec<(&str, &Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.0))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+
     pub fn bytes(&self) -> usize {
         self.tensors
             .values()

@@ -89,15 +89,32 @@ pub fn check_distributed(stages: &[StageSpec], world: usize) -> Result<()> {
     for (k, spec) in stages.iter().enumerate() {
         let at = || format!("stage {k} ({:?}, kind {:?})", spec.name(), spec.kind());
         let stage = spec.stage();
+        let actor_ranks = stage.runtime().is_some_and(|rt| rt.actor_ranks);
+        if actor_ranks && world == 1 {
+            bail!(
+                "{}: runtime.actor_ranks needs several processes (WORLD_SIZE > 1, e.g. torchrun)",
+                at()
+            );
+        }
+        if actor_ranks {
+            // Rank 0 alone learns and decides what is sampled.
+            continue;
+        }
+        if world == 1 {
+            continue;
+        }
         if !stage.data_parallel() {
             bail!(
-                "{}: this online learner does not run over several processes yet                  (WORLD_SIZE = {world}); run it in one process",
+                "{}: this online learner does not run data parallel (WORLD_SIZE = {world}); \
+                 set runtime.actor_ranks = true (rank 0 learns, the others generate) or run \
+                 it in one process",
                 at()
             );
         }
         if stage.runtime().is_some_and(|rt| rt.mode == Mode::Async) {
             bail!(
-                "{}: runtime.mode = \"async\" would sample different data on each of the                  {world} ranks; use \"sync\" or \"deterministic\"",
+                "{}: runtime.mode = \"async\" would sample different data on each of the \
+                 {world} ranks; use \"sync\" or \"deterministic\", or runtime.actor_ranks",
                 at()
             );
         }
