@@ -8,10 +8,9 @@
 mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use medzero::cli::bench::search::Trees;
 use medzero::rollout::mcts::{self, MctsConfig};
-use medzero::rollout::meds3::{MctsRollout, PolicySteps, StepGeneration};
-use medzero::runtime::actor::problem_rng;
-use medzero::runtime::service::ServiceConfig;
+use medzero::rollout::meds3::{PolicySteps, StepGeneration};
 use medzero_envs::synthclinic::{SynthClinic, SynthConfig};
 use medzero_policies::tokenizer::{PromptTemplate, Tokenizer};
 use medzero_policies::{Policy, SamplingParams};
@@ -95,31 +94,13 @@ fn generation(c: &mut Criterion) {
             })
         });
     }
-    let rollout = MctsRollout {
-        mcts: cfg.clone(),
-        generation: StepGeneration {
-            step_max_tokens: 16,
-            rollout_max_tokens: 32,
-            ..StepGeneration::default()
-        },
-        template: PromptTemplate::Plain,
-        iteration: 0,
-    };
-    let problems: Vec<_> = world.test.iter().cycle().take(8).collect();
+    // The workload `medzero bench --only service` times, on one thread.
+    let trees = Trees::new(&world, 8);
     g.bench_function("8-trees/one-at-a-time", |b| {
-        b.iter(|| {
-            for (i, p) in problems.iter().enumerate() {
-                rollout.search(&policy, p, &mut problem_rng(0, i)).unwrap();
-            }
-        })
+        b.iter(|| trees.one_at_a_time(&policy).unwrap())
     });
     g.bench_function("8-trees/in-flight-via-service", |b| {
-        b.iter(|| {
-            let rngs = (0..problems.len()).map(|i| problem_rng(0, i)).collect();
-            rollout
-                .search_many(&policy, &problems, rngs, 8, ServiceConfig::default())
-                .unwrap()
-        })
+        b.iter(|| trees.in_flight(&policy).unwrap())
     });
     g.finish();
 }

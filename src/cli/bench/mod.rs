@@ -4,6 +4,7 @@
 
 pub mod learner;
 pub mod queue;
+pub mod search;
 
 use crate::experiment::Config;
 use crate::experiment::student::base_student;
@@ -546,43 +547,16 @@ fn mcts_rows(policy: &Policy, world: &SynthClinic) -> Result<Vec<BenchRow>> {
 /// one tree at a time on the policy itself, same streams, so the same trees
 /// (the row says whether they were).
 fn mcts_service_row(policy: &Policy, world: &SynthClinic) -> Result<BenchRow> {
-    use crate::rollout::mcts::MctsConfig;
-    use crate::rollout::meds3::{MctsRollout, StepGeneration};
-    use crate::runtime::actor::problem_rng;
-    use crate::runtime::service::ServiceConfig;
-    use medzero_policies::tokenizer::PromptTemplate;
     const TREES: usize = 8;
-    let rollout = MctsRollout {
-        mcts: MctsConfig {
-            max_nodes: 20,
-            ..MctsConfig::default()
-        },
-        generation: StepGeneration {
-            step_max_tokens: 24,
-            rollout_max_tokens: 64,
-            ..StepGeneration::default()
-        },
-        template: PromptTemplate::Plain,
-        iteration: 0,
-    };
-    let problems: Vec<_> = world.test.iter().cycle().take(TREES).collect();
+    let work = search::Trees::new(world, TREES);
     let t = Instant::now();
-    let mut alone = Vec::new();
-    for (i, p) in problems.iter().enumerate() {
-        alone.push(rollout.search(policy, p, &mut problem_rng(0, i))?.0);
-    }
+    let alone = work.one_at_a_time(policy)?;
     let one_at_a_time = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (together, stats) = rollout.search_many(
-        policy,
-        &problems,
-        (0..TREES).map(|i| problem_rng(0, i)).collect(),
-        TREES,
-        ServiceConfig::default(),
-    )?;
+    let (together, stats) = work.in_flight(policy)?;
     let in_flight = t.elapsed().as_secs_f64();
     let nodes: usize = alone.iter().map(|t| t.nodes.len()).sum();
-    let same = alone.iter().zip(&together).all(|(a, b)| *a == b.tree);
+    let same = alone == together;
     Ok(BenchRow {
         name: format!(
             "MCTS {TREES} trees in flight via the service (peer: one at a time; {nodes} nodes; \
@@ -741,13 +715,19 @@ fn placement_rows(
         build: &build,
         threads: cfg.threads.max(1),
     };
-    let run = |name: &str, actors, threads, placement| -> Result<(f64, _)> {
+    // Resident memory: the process's peak RSS during each run, above its
+    // RSS when the run starts (Linux; the peak is reset before each run).
+    let run = |name: &str, actors, threads, placement| -> Result<(f64, _, Option<f64>)> {
+        let start = rss::reset_peak();
         let (secs, report) =
             bench.run_sft(name, &rollout, (Mode::Sync, actors, threads), placement)?;
-        Ok((problems.len() as f64 / secs, report))
+        let grew = start
+            .zip(rss::peak())
+            .map(|(s, p)| p.saturating_sub(s) as f64 / 1024.0);
+        Ok((problems.len() as f64 / secs, report, grew))
     };
-    let (own, _) = run("per-actor", 2, 1, Placement::PerActor)?;
-    let (shared, report) = run("shared", 8, 2, Placement::Shared)?;
+    let (own, _, own_rss) = run("per-actor", 2, 1, Placement::PerActor)?;
+    let (shared, report, shared_rss) = run("shared", 8, 2, Placement::Shared)?;
     std::fs::remove_dir_all(&root).ok();
     tch::set_num_threads(cfg.threads as i32);
     let s = report.service.unwrap_or_default();
@@ -760,10 +740,12 @@ fn placement_rows(
     Ok(vec![BenchRow {
         name: format!(
             "online stage, sync, {n} problems: shared service, 8 actors, 1 policy copy of \
-             {:.1} MiB (peer: 2 actors with their own, {:.1} MiB); mean batch {:.1} rows, \
-             weight swap {:.1} ms mean / {:.1} ms max",
+             {:.1} MiB (peer: 2 actors with their own, {:.1} MiB); peak RSS growth {} \
+             (peer: {}); mean batch {:.1} rows, weight swap {:.1} ms mean / {:.1} ms max",
             mib(1),
             mib(2),
+            rss::show(shared_rss),
+            rss::show(own_rss),
             s.mean_batch,
             1e3 * s.swap_latency_mean_s,
             1e3 * s.swap_latency_max_s
@@ -1065,4 +1047,28 @@ fn run_peer(policy: &Policy, cfg: &BenchConfig) -> Result<serde_json::Value> {
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The process's resident memory from `/proc/self/status` (Linux only).
+mod rss {
+    fn field(name: &str) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Resets the peak (VmHWM) to the current RSS; returns that RSS in KiB.
+    pub fn reset_peak() -> Option<u64> {
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+        field("VmRSS:")
+    }
+
+    /// The peak RSS since the last reset, KiB.
+    pub fn peak() -> Option<u64> {
+        field("VmHWM:")
+    }
+
+    pub fn show(mib: Option<f64>) -> String {
+        mib.map_or("n/a".into(), |m| format!("{m:.0} MiB"))
+    }
 }
