@@ -50,7 +50,11 @@ install_gloo_headers() {
   local debs
   debs=$(mktemp -d)
   trap 'rm -rf "$debs"' RETURN
-  (cd "$debs" && apt-get download libgloo-dev >"$debs/log" 2>&1) || {
+  # A machine whose package lists were never fetched knows no package: as
+  # root, fetch them once and try again.
+  (cd "$debs" && apt-get download libgloo-dev >"$debs/log" 2>&1) ||
+    { [ "$(id -u)" = 0 ] && apt-get update >"$debs/log" 2>&1 &&
+      (cd "$debs" && apt-get download libgloo-dev >"$debs/log" 2>&1); } || {
     cat "$debs/log" >&2
     echo "medzero setup: apt-get download libgloo-dev failed (is the Debian archive reachable? try apt-get update)" >&2
     exit 1

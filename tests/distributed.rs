@@ -237,7 +237,7 @@ fn launch_errors_are_clear() {
 
 /// The chains (micro-batches of 4, so 2 data-parallel ranks train them
 /// bit-identically), then rejection sampling that keeps every sample
-/// (min_reward 0), with `runtime` settings.
+/// (min_reward 0), then GRPO (groups of 4), both with `runtime` settings.
 fn online_config(dir: &Path, run: &str, runtime: &str) -> String {
     let rs = format!(
         r#"
@@ -254,6 +254,19 @@ batch_size = 4
 [stages.runtime]
 round_size = 4
 {runtime}
+
+[[stages]]
+kind = "grpo"
+name = "grpo"
+init = "chains"
+[stages.sampling]
+samples = 4
+max_new_tokens = 16
+[stages.learner]
+batch_size = 8
+[stages.runtime]
+round_size = 2
+{runtime}
 "#
     );
     experiment(dir, run, (20, 4, 2), &rs)
@@ -269,17 +282,17 @@ fn two_ranks(config: &str) {
     }
 }
 
-fn report(run: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(run.join("stages/1-rs/report.json")).unwrap();
+fn report(stage: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(stage.join("report.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
-/// One learner rank and one actor rank (deterministic mode): the actor rank
-/// receives each round's weights, rolls out every problem on its stream and
-/// sends the trajectories back; the store holds, byte for byte, what one
-/// process with a local actor stores, no trajectory is lost, the learner
-/// ends on the same weights, and the actor rank leaves the stage holding
-/// them too.
+/// One learner rank and one actor rank (deterministic mode), for rejection
+/// sampling and for GRPO: the actor rank receives each round's weights,
+/// rolls out every problem on its stream and sends the trajectories back;
+/// the store holds, byte for byte, what one process with a local actor
+/// stores, no trajectory is lost, the learner ends on the same weights, and
+/// the actor rank leaves the stage holding them too.
 #[test]
 fn an_actor_rank_generates_what_a_local_actor_would() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -289,22 +302,21 @@ fn an_actor_rank_generates_what_a_local_actor_would() {
     let remote = online_config(b.path(), "", "mode = \"deterministic\"\nactor_ranks = true");
     two_ranks(&remote);
     let (one, two) = (a.path().join("runs/dp"), b.path().join("runs/dp"));
-    let store = |run: &Path| std::fs::read(run.join("stages/1-rs/trajectories.jsonl")).unwrap();
-    assert_eq!(store(&one), store(&two), "the stores differ");
-    let (r1, r2) = (report(&one), report(&two));
-    assert_eq!(r1["counters"], r2["counters"]);
-    assert!(
-        r2["steps"].as_u64().unwrap() > 0,
-        "the learner never stepped: {r2}"
-    );
-    let rollouts = r2["counters"]["rollouts"].as_u64().unwrap();
-    assert_eq!(rollouts, 8, "{r2}");
-    let model = |run: &Path| run.join("stages/1-rs/model");
-    assert_eq!(max_abs_diff(&model(&one), &model(&two)), 0.0);
-    assert_eq!(
-        max_abs_diff(&model(&two), &model(&two.join("ranks/1"))),
-        0.0
-    );
+    for stage in ["stages/1-rs", "stages/2-grpo"] {
+        let (s1, s2) = (one.join(stage), two.join(stage));
+        let store = |s: &Path| std::fs::read(s.join("trajectories.jsonl")).unwrap();
+        assert_eq!(store(&s1), store(&s2), "{stage}: the stores differ");
+        let (r1, r2) = (report(&s1), report(&s2));
+        assert_eq!(r1["counters"], r2["counters"], "{stage}");
+        assert_eq!(r1["steps"], r2["steps"], "{stage}");
+        assert!(r2["steps"].as_u64().unwrap() > 0, "{stage}: no step: {r2}");
+        assert_eq!(r2["counters"]["rollouts"], 8, "{stage}: {r2}");
+        assert_eq!(r2["counters"]["failed"], 0, "{stage}: {r2}");
+        let model = |s: &Path| s.join("model");
+        assert_eq!(max_abs_diff(&model(&s1), &model(&s2)), 0.0, "{stage}");
+        let on_rank1 = two.join("ranks/1").join(stage);
+        assert_eq!(max_abs_diff(&model(&s2), &model(&on_rank1)), 0.0, "{stage}");
+    }
 }
 
 /// Asynchronous with one actor rank and a lag cap of 1: every rollout
@@ -320,7 +332,7 @@ fn an_async_actor_rank_stays_within_the_lag_cap() {
     );
     two_ranks(&cfg);
     let run = dir.path().join("runs/dp");
-    let r = report(&run);
+    let r = report(&run.join("stages/1-rs"));
     let c = &r["counters"];
     assert_eq!(c["rollouts"], 8, "{r}");
     assert_eq!(c["failed"], 0, "{r}");

@@ -7,10 +7,9 @@
 //! actor rebuilt from the current weights and the problem handed back.
 
 use super::queue::TrajectoryQueue;
-use super::remote::RemoteActor;
 use super::service::{Client, Generate};
 use super::source::{Next, ProblemSource, WorkItem};
-use super::weights::WeightSlot;
+use super::weights::{PolicySnapshot, WeightSlot};
 use anyhow::{Result, bail};
 use crossbeam::utils::{Backoff, CachePadded};
 use medzero_envs::{Problem, Trajectory};
@@ -94,9 +93,21 @@ pub enum Model<'a> {
     Own(&'a (dyn Fn() -> Result<Policy> + Sync)),
     /// The inference service.
     Served(Client<'a>),
-    /// An actor rank of a distributed run, which rolls out with weights
-    /// this actor sends it.
-    Remote(RemoteActor<'a>),
+    /// Rollouts that run elsewhere, with weights this actor sends there.
+    Remote(Box<dyn RemoteRollouts + 'a>),
+}
+
+/// An actor's rollouts run by another process (an actor rank of a
+/// distributed run: `runtime::remote`).
+pub trait RemoteRollouts: Send {
+    /// Where they run, for messages.
+    fn rank(&self) -> usize;
+    /// Makes the far side hold `snapshot`'s weights (a no-op if it does).
+    fn sync(&mut self, snapshot: &PolicySnapshot) -> Result<()>;
+    /// Problem `index`'s rollout there, on the problem's own random stream:
+    /// `Err` when the link fails (the actor stops), `Ok(Err)` when the
+    /// rollout did (the problem fails).
+    fn rollout(&self, index: usize, attempt: u32) -> Result<Result<Rolled>>;
 }
 
 /// What one rollout produced.
@@ -336,7 +347,7 @@ enum Live<'a> {
         build: &'a (dyn Fn() -> Result<Policy> + Sync),
     },
     Served(Client<'a>),
-    Remote(RemoteActor<'a>),
+    Remote(Box<dyn RemoteRollouts + 'a>),
 }
 
 /// A fresh policy holding the newest published weights.

@@ -478,7 +478,7 @@ pub fn run(s: Online) -> Result<OnlineReport> {
             .map(|(id, st)| {
                 let (shared, alive) = (&shared, &alive);
                 let model = match (&client, ranks) {
-                    (_, Some(g)) => Model::Remote(RemoteActor::new(g, id + 1)),
+                    (_, Some(g)) => Model::Remote(Box::new(RemoteActor::new(g, id + 1))),
                     (Some(c), None) => Model::Served(c.clone()),
                     (None, None) => Model::Own(s.build_actor_policy),
                 };

@@ -10,7 +10,7 @@
 //! sends over the run's Gloo group: a header `[kind, a, b]` of i64, then
 //! the weights tensor by tensor, or the reply as JSON bytes.
 
-use super::actor::{Rolled, Rollout, problem_rng};
+use super::actor::{RemoteRollouts, Rolled, Rollout, problem_rng};
 use super::weights::PolicySnapshot;
 use anyhow::{Context, Result, bail};
 use medzero_dist::Group;
@@ -57,15 +57,6 @@ impl<'g> RemoteActor<'g> {
         }
     }
 
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    /// The version the rank generates with.
-    pub fn version(&self) -> Option<u64> {
-        self.holds
-    }
-
     fn header(&self, kind: i64, a: i64, b: i64) -> Result<()> {
         let h = Tensor::from_slice(&[kind, a, b]);
         Ok(self.group.send(&h, self.rank, TAG_REQUEST)?)
@@ -78,8 +69,21 @@ impl<'g> RemoteActor<'g> {
         Ok(())
     }
 
-    /// Sends `snapshot` unless the rank holds it already.
-    pub fn sync(&mut self, snapshot: &PolicySnapshot) -> Result<()> {
+    /// Sends the stage's final weights; the rank's [`serve`] returns.
+    pub fn finish(&self, policy: &Policy) -> Result<()> {
+        let named = policy.named_parameters();
+        self.header(FINAL, 0, named.len() as i64)?;
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        self.send_tensors(&refs)
+    }
+}
+
+impl RemoteRollouts for RemoteActor<'_> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn sync(&mut self, snapshot: &PolicySnapshot) -> Result<()> {
         if self.holds == Some(snapshot.version) {
             return Ok(());
         }
@@ -90,9 +94,7 @@ impl<'g> RemoteActor<'g> {
         Ok(())
     }
 
-    /// The rank's rollout of problem `index`: `Err` when the link fails
-    /// (the stage fails), `Ok(Err)` when the rollout did.
-    pub fn rollout(&self, index: usize, attempt: u32) -> Result<Result<Rolled>> {
+    fn rollout(&self, index: usize, attempt: u32) -> Result<Result<Rolled>> {
         self.header(PROBLEM, index as i64, attempt as i64)?;
         let mut len = Tensor::zeros([1], (Kind::Int64, tch::Device::Cpu));
         let wait = Some(self.group.timeout());
@@ -114,14 +116,6 @@ impl<'g> RemoteActor<'g> {
             }),
             Reply::Failed(e) => Err(anyhow::anyhow!("on rank {}: {e}", self.rank)),
         })
-    }
-
-    /// Sends the stage's final weights; the rank's [`serve`] returns.
-    pub fn finish(&self, policy: &Policy) -> Result<()> {
-        let named = policy.named_parameters();
-        self.header(FINAL, 0, named.len() as i64)?;
-        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        self.send_tensors(&refs)
     }
 }
 
