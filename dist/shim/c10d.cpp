@@ -2,6 +2,7 @@
 // group, the pieces tch does not bind. Every entry point catches C++
 // exceptions and returns their message, so a lost peer is an error on the
 // Rust side, never an abort.
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -73,8 +74,12 @@ struct Group {
 
 extern "C" {
 
+// `host_store`: this rank hosts the TCPStore (rank 0, unless torchrun's
+// agent hosts it: TORCHELASTIC_USE_AGENT_STORE). Keys live under "medzero/",
+// apart from the agent's own.
 void* mz_c10d_new(const char* host, uint16_t port, int rank, int world,
-                  int64_t timeout_ms, int64_t beat_ms, char* err, size_t len) {
+                  bool host_store, int64_t timeout_ms, int64_t beat_ms,
+                  char* err, size_t len) {
   Group* out = nullptr;
   guarded(err, len, [&] {
     auto g = std::make_unique<Group>();
@@ -83,11 +88,13 @@ void* mz_c10d_new(const char* host, uint16_t port, int rank, int world,
     g->world = world;
     c10d::TCPStoreOptions opts;
     opts.port = port;
-    opts.isServer = rank == 0;
+    opts.isServer = host_store;
     opts.numWorkers = world;
-    opts.waitWorkers = true;
+    opts.waitWorkers = true;  // a client registers itself; the host waits for all
+    opts.multiTenant = true;  // as torch.distributed hosts it
     opts.timeout = g->timeout;
-    g->store = c10::make_intrusive<c10d::TCPStore>(host, opts);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(host, opts);
+    g->store = c10::make_intrusive<c10d::PrefixStore>("medzero", tcp);
     auto pg_opts = c10d::ProcessGroupGloo::Options::create(g->timeout);
     pg_opts->devices.push_back(
         c10d::ProcessGroupGloo::createDeviceForHostname(host));

@@ -19,6 +19,7 @@ unsafe extern "C" {
         port: u16,
         rank: i32,
         world: i32,
+        host_store: bool,
         timeout_ms: i64,
         beat_ms: i64,
         err: *mut c_char,
@@ -111,6 +112,9 @@ pub struct Launch {
     pub rank: usize,
     pub world: usize,
     pub local_rank: usize,
+    /// torchrun's agent hosts the store (`TORCHELASTIC_USE_AGENT_STORE`):
+    /// every rank connects to it, rank 0 included.
+    pub agent_store: bool,
 }
 
 impl Launch {
@@ -167,6 +171,7 @@ impl Launch {
             rank,
             world,
             local_rank,
+            agent_store: var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"),
         }))
     }
 }
@@ -218,6 +223,7 @@ impl Group {
                 launch.port,
                 launch.rank as i32,
                 launch.world as i32,
+                launch.rank == 0 && !launch.agent_store,
                 timeout.as_millis() as i64,
                 BEAT.as_millis() as i64,
                 err.as_mut_ptr().cast(),
