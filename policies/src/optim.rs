@@ -323,9 +323,6 @@ impl AdamW {
     /// weights the norm is taken over the gradients in f32 and the factor is
     /// applied to them in f32 at the next [`AdamW::step`].
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        if !self.slots.iter().any(|s| s.master.is_some()) {
-            return clip_grad_norm(self.params(), max_norm);
-        }
         let (total, coef) = clip_factor(self.params(), max_norm);
         tch::no_grad(|| {
             for s in self.slots.iter().filter(|s| s.master.is_none()) {

@@ -298,17 +298,6 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         remote::serve(g, s.policy, s.rollout, s.problems, s.seed)?;
         return Ok(OnlineReport::default());
     }
-    if let Some(g) = ranks
-        && s.runtime.mode == Mode::Deterministic
-        && g.world() > 2
-    {
-        bail!(
-            "{}: runtime.mode = \"deterministic\" runs one actor, but {} actor ranks would; \
-             use \"sync\" or WORLD_SIZE = 2",
-            s.name,
-            g.world() - 1
-        );
-    }
     let started = Instant::now();
     let adam = s.learner.adamw()?;
     let mut opt = AdamW::new(s.policy.named_parameters(), adam, AdamW::default_decay)?;

@@ -97,6 +97,18 @@ pub fn check_distributed(stages: &[StageSpec], world: usize) -> Result<()> {
             );
         }
         if actor_ranks {
+            if stage
+                .runtime()
+                .is_some_and(|rt| rt.mode == Mode::Deterministic)
+                && world > 2
+            {
+                bail!(
+                    "{}: runtime.mode = \"deterministic\" runs one actor, but {} actor ranks \
+                     would; use \"sync\" or WORLD_SIZE = 2",
+                    at(),
+                    world - 1
+                );
+            }
             // Rank 0 alone learns and decides what is sampled.
             continue;
         }

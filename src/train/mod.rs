@@ -238,20 +238,7 @@ pub fn train(
         );
     }
     if let Some(g) = group {
-        // Rank 0's weights, moments and data position are the run's: a
-        // resume with another world size, or a rank without checkpoints,
-        // starts where rank 0 left off.
-        let params: Vec<Tensor> = policy
-            .named_parameters()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect();
-        parallel::broadcast_tensors(g, &params)?;
-        let moments: Vec<Tensor> = opt.state().into_iter().map(|(_, t)| t).collect();
-        parallel::broadcast_tensors(g, &moments)?;
-        let steps;
-        (state, steps) = parallel::broadcast_json(g, &(state, opt.steps_taken()))?;
-        opt.load_state(&opt.state(), steps)?;
+        state = parallel::start_from_rank0(g, &mut opt, state)?;
     }
 
     let bar = crate::infra::progress::bar(total_steps as u64, tag, "steps")
@@ -290,17 +277,7 @@ pub fn train(
             }
         }
         if let Some(g) = group {
-            let params: Vec<Tensor> = opt.params().map(Tensor::shallow_clone).collect();
-            parallel::allreduce_grads(g, &params)?;
-            let mut sums: Vec<f64> = [loss_sum, tokens as f64]
-                .into_iter()
-                .chain(step_metrics.iter().map(|(_, v)| *v))
-                .collect();
-            parallel::allreduce_values(g, &mut sums)?;
-            (loss_sum, tokens) = (sums[0], sums[1] as u64);
-            for ((_, v), sum) in step_metrics.iter_mut().zip(&sums[2..]) {
-                *v = *sum;
-            }
+            parallel::sum_step(g, &opt, &mut loss_sum, &mut tokens, &mut step_metrics)?;
         }
         let grad_norm = if cfg.max_grad_norm > 0.0 {
             opt.clip_grad_norm(cfg.max_grad_norm)

@@ -5,8 +5,10 @@
 //! loss is already its share of the whole step's loss ([`super::MicroLoss`]),
 //! so the summed gradient is the one-process gradient of the global batch.
 
+use crate::infra::checkpoint::TrainerState;
 use anyhow::{Context, Result, bail};
 use medzero_dist::Group;
+use medzero_policies::optim::AdamW;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tch::{Kind, Tensor};
@@ -15,16 +17,70 @@ use tch::{Kind, Tensor};
 /// buckets small enough not to double a large model's memory.
 const BUCKET: i64 = 1 << 23;
 
-/// This rank's share of a step's items: the `rank`-th of `world`
-/// contiguous equal shards (the step size is checked to divide).
-pub fn shard<'a>(picked: &'a [usize], group: Option<&Group>) -> &'a [usize] {
+/// This rank's share of `n` items: the `rank`-th of `world` contiguous
+/// equal shards (the step size is checked to divide); all of them alone.
+pub fn shard_range(n: usize, group: Option<&Group>) -> std::ops::Range<usize> {
     match group {
         Some(g) => {
-            let per = picked.len() / g.world();
-            &picked[g.rank() * per..(g.rank() + 1) * per]
+            let per = n / g.world();
+            g.rank() * per..(g.rank() + 1) * per
         }
-        None => picked,
+        None => 0..n,
     }
+}
+
+/// This rank's share of a step's items ([`shard_range`]).
+pub fn shard<'a>(picked: &'a [usize], group: Option<&Group>) -> &'a [usize] {
+    &picked[shard_range(picked.len(), group)]
+}
+
+/// Rank 0's weights, moments, step count and data position on every rank
+/// (`state` is this rank's; rank 0's is returned): a resume with another
+/// world size, or a rank without checkpoints, starts where rank 0 left off.
+pub fn start_from_rank0(
+    group: &Group,
+    opt: &mut AdamW,
+    state: TrainerState,
+) -> Result<TrainerState> {
+    let params: Vec<Tensor> = opt.params().map(Tensor::shallow_clone).collect();
+    broadcast_tensors(group, &params)?;
+    let held: Vec<(String, Tensor)> = opt.state();
+    broadcast_tensors(
+        group,
+        &held
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect::<Vec<_>>(),
+    )?;
+    let (state, steps) = broadcast_json(group, &(state, opt.steps_taken()))?;
+    // The moments are already rank 0's (aliased); this sets the step count
+    // and rounds any f32 masters into their bf16 parameters.
+    opt.load_state(&held, steps)?;
+    Ok(state)
+}
+
+/// One optimizer step's sums over the ranks: the gradients, then the loss,
+/// the tokens and the metrics (each rank's micro-batch shares add up to the
+/// global batch's values).
+pub fn sum_step(
+    group: &Group,
+    opt: &AdamW,
+    loss: &mut f64,
+    tokens: &mut u64,
+    metrics: &mut [(&'static str, f64)],
+) -> Result<()> {
+    let params: Vec<Tensor> = opt.params().map(Tensor::shallow_clone).collect();
+    allreduce_grads(group, &params)?;
+    let mut sums: Vec<f64> = [*loss, *tokens as f64]
+        .into_iter()
+        .chain(metrics.iter().map(|(_, v)| *v))
+        .collect();
+    allreduce_values(group, &mut sums)?;
+    (*loss, *tokens) = (sums[0], sums[1] as u64);
+    for ((_, v), sum) in metrics.iter_mut().zip(&sums[2..]) {
+        *v = *sum;
+    }
+    Ok(())
 }
 
 /// The global batch (`batch_size * grad_accum`) must split evenly.

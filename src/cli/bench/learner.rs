@@ -185,8 +185,9 @@ impl<'p> LearnerStep<'p> {
                 targets,
                 tokens,
             } => {
-                let rows = shard_rows(ids.size()[0], group);
-                let cut = |t: &Tensor| t.narrow(0, rows.0, rows.1);
+                let rows = crate::train::parallel::shard_range(ids.size()[0] as usize, group);
+                let (start, len) = (rows.start as i64, rows.len() as i64);
+                let cut = |t: &Tensor| t.narrow(0, start, len);
                 completion_nll_sum(policy, &cut(ids), &cut(mask), &cut(targets)) / *tokens
             }
             Work::Dpo { dpo, all } => {
@@ -221,16 +222,5 @@ impl<'p> LearnerStep<'p> {
         self.opt.step(1e-4);
         self.opt.zero_grad();
         Ok(())
-    }
-}
-
-/// (first row, rows) of this rank's contiguous share of `n` rows.
-fn shard_rows(n: i64, group: Option<&medzero_dist::Group>) -> (i64, i64) {
-    match group {
-        Some(g) => {
-            let per = n / g.world() as i64;
-            (g.rank() as i64 * per, per)
-        }
-        None => (0, n),
     }
 }
