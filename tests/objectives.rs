@@ -60,7 +60,7 @@ fn sampled(policy: &Policy) -> Vec<Trajectory> {
 }
 
 fn loss(o: &mut TrajectorySft, policy: &Policy, batch: &[Trajectory]) -> (f64, f64) {
-    let out = o.loss(policy, batch).unwrap();
+    let out = o.loss(policy, batch, 0..batch.len()).unwrap();
     let weight = out
         .metrics
         .iter()
@@ -102,7 +102,7 @@ fn importance_weights_are_one_on_policy_and_truncated_off_policy() {
     )
     .unwrap();
     objective(&policy, 0.0)
-        .loss(&policy, &batch)
+        .loss(&policy, &batch, 0..batch.len())
         .unwrap()
         .loss
         .backward();

@@ -140,12 +140,13 @@ int mz_c10d_broadcast(void* group, void* tensor, int root, char* err,
 // Point to point: `tensor` to rank `dst` under `tag`, and from rank `src`.
 // A receive with timeout_ms < 0 waits as long as the sender lives (a peer
 // that exits resets the connection, which fails the wait at once).
-int mz_c10d_send(void* group, void* tensor, int dst, int tag, char* err,
-                 size_t len) {
+int mz_c10d_send(void* group, void* tensor, int dst, int tag,
+                 int64_t timeout_ms, char* err, size_t len) {
   auto* g = static_cast<Group*>(group);
   return guarded(err, len, [&] {
     std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};
-    g->pg->send(ts, dst, tag)->wait(g->timeout);
+    auto wait = timeout_ms < 0 ? kNoTimeout : Millis(timeout_ms);
+    g->pg->send(ts, dst, tag)->wait(wait);
   });
 }
 

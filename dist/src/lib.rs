@@ -45,6 +45,7 @@ unsafe extern "C" {
         t: *mut c_void,
         dst: i32,
         tag: i32,
+        timeout_ms: i64,
         err: *mut c_char,
         len: usize,
     ) -> i32;
@@ -289,16 +290,33 @@ impl Group {
         self.check("broadcast", rc, &err)
     }
 
-    /// Sends `t` to rank `dst` under `tag` (a matching [`Group::recv`] there).
+    /// Sends `t` to rank `dst` under `tag` (a matching [`Group::recv`] there),
+    /// waiting at most the group's timeout for the receiver to take it.
     pub fn send(&self, t: &Tensor, dst: usize, tag: i32) -> Result<(), DistError> {
+        self.send_waiting(t, dst, tag, Some(self.timeout))
+    }
+
+    /// [`Group::send`] with its own bound on the wait: Gloo hands the data
+    /// over only once the receiver has posted its receive, so a sender that
+    /// may finish long before its receiver is ready passes `None`, which
+    /// waits as long as the receiver lives (as [`Group::recv`] does).
+    pub fn send_waiting(
+        &self,
+        t: &Tensor,
+        dst: usize,
+        tag: i32,
+        timeout: Option<Duration>,
+    ) -> Result<(), DistError> {
         let mut err = vec![0u8; ERR_LEN];
         let mut t = t.shallow_clone();
+        let timeout_ms = timeout.map_or(-1, |d| d.as_millis() as i64);
         let rc = unsafe {
             mz_c10d_send(
                 self.raw,
                 t.as_mut_ptr().cast(),
                 dst as i32,
                 tag,
+                timeout_ms,
                 err.as_mut_ptr().cast(),
                 ERR_LEN,
             )

@@ -210,7 +210,7 @@ pub fn run(cfg: &Config, fresh: bool, stop: &AtomicBool) -> Result<RunOutcome> {
 /// of them or on none (each rank skips finished stages by itself).
 fn same_stage_everywhere(g: &medzero_dist::Group, k: usize, name: &str, done: bool) -> Result<()> {
     let mut finished = [done as u8 as f64];
-    crate::train::parallel::allreduce_values(g, &mut finished)?;
+    crate::runtime::parallel::allreduce_values(g, &mut finished)?;
     let finished = finished[0] as usize;
     if finished != 0 && finished != g.world() {
         bail!(

@@ -16,6 +16,7 @@ use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -121,7 +122,8 @@ pub struct Rolled {
     pub reward_failures: u64,
 }
 
-/// What actors tell the learner.
+/// What actors tell the learner (and data-parallel ranks tell rank 0).
+#[derive(Serialize, Deserialize)]
 pub enum ActorMsg {
     Done {
         item: WorkItem,
@@ -136,6 +138,14 @@ pub enum ActorMsg {
         problem_id: String,
         error: String,
     },
+}
+
+impl ActorMsg {
+    pub fn item(&self) -> WorkItem {
+        match self {
+            ActorMsg::Done { item, .. } | ActorMsg::Failed { item, .. } => *item,
+        }
+    }
 }
 
 /// One actor's counters, written only by that actor and read by the learner

@@ -4,12 +4,14 @@
 //! collected this way, and resume from the store like any online stage.
 
 use super::learner::{self, LearnerConfig, Objective, ObjectiveLoss, Online, OnlineReport};
+use super::parallel;
 use super::store::{STORE_FILE, read_trajectories};
 use super::{Rollout, RuntimeConfig};
 use crate::infra::monitor::Metrics;
 use anyhow::{Result, bail};
 use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
@@ -20,7 +22,7 @@ impl Objective for StoreOnly {
     fn accepts(&self, _: &Trajectory) -> bool {
         false
     }
-    fn loss(&mut self, _: &Policy, _: &[Trajectory]) -> Result<ObjectiveLoss> {
+    fn loss(&mut self, _: &Policy, _: &[Trajectory], _: Range<usize>) -> Result<ObjectiveLoss> {
         bail!("a collecting stage trains nothing")
     }
 }
@@ -61,6 +63,17 @@ pub fn collect(c: Collect) -> Result<(Vec<Trajectory>, OnlineReport)> {
         metrics: c.metrics,
         stop: c.stop,
     })?;
-    let stored = read_trajectories(&c.dir.join(STORE_FILE), false)?;
+    // Rank 0 keeps the store; every rank of a distributed run goes on with
+    // what it holds (the later stages run on each of them).
+    let stored = match medzero_dist::world() {
+        Some(g) => {
+            let mine = match g.rank() {
+                0 => read_trajectories(&c.dir.join(STORE_FILE), false)?,
+                _ => Vec::new(),
+            };
+            parallel::broadcast_json(g, &mine)?
+        }
+        None => read_trajectories(&c.dir.join(STORE_FILE), false)?,
+    };
     Ok((stored, report))
 }

@@ -19,6 +19,7 @@
 //! actor did what. `deterministic` is `sync` with one actor.
 
 use super::actor::{self, ActorMsg, Model, Rollout, Stats};
+use super::parallel;
 use super::queue::TrajectoryQueue;
 use super::remote::{self, RemoteActor};
 use super::service::{self, ServiceConfig};
@@ -29,6 +30,7 @@ use crate::infra::checkpoint::{Checkpoints, TrainerState};
 use crate::infra::monitor::Metrics;
 use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
+use medzero_dist::Group;
 use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
 use medzero_policies::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
@@ -203,9 +205,17 @@ impl LearnerConfig {
 pub trait Objective {
     /// Whether `t` is training data (e.g. only verified-correct attempts).
     fn accepts(&self, t: &Trajectory) -> bool;
-    /// The loss of one batch, to be minimised; the learner runs backward,
-    /// clipping and the optimizer step.
-    fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss>;
+    /// The loss of `batch[shard]` as its share of the whole batch's loss,
+    /// to be minimised: normalised by the whole batch's counts, so the
+    /// losses, gradients and metrics of the shards that data-parallel ranks
+    /// take of one batch sum to the batch's own (one process passes the
+    /// whole batch). The learner runs backward, clipping and the step.
+    fn loss(
+        &mut self,
+        policy: &Policy,
+        batch: &[Trajectory],
+        shard: std::ops::Range<usize>,
+    ) -> Result<ObjectiveLoss>;
     /// Optimizer steps taken on each batch (TRL's `num_iterations`, μ): the
     /// batch's recorded log-probs stay the old policy's throughout.
     fn iterations(&self) -> usize {
@@ -217,7 +227,8 @@ pub struct ObjectiveLoss {
     pub loss: Tensor,
     /// Tokens the loss covers (for throughput).
     pub tokens: u64,
-    /// The objective's own metrics, logged under `train/`.
+    /// The objective's own metrics, logged under `train/`: shares of the
+    /// batch's values, as the loss is.
     pub metrics: Vec<(&'static str, f64)>,
 }
 
@@ -298,69 +309,56 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         remote::serve(g, s.policy, s.rollout, s.problems, s.seed)?;
         return Ok(OnlineReport::default());
     }
+    // Without actor ranks, every rank of a distributed run learns: its
+    // actors do its share of each round's problems, rank 0 stores the
+    // round, and each batch trains data parallel ([`Learner::exchange`]).
+    let dp = medzero_dist::world().filter(|_| !s.runtime.actor_ranks);
+    if dp.is_some() && s.runtime.mode == Mode::Async {
+        bail!(
+            "{}: runtime.mode = \"async\" cannot train data parallel (the ranks would take \
+             different steps); use \"sync\" or \"deterministic\", or runtime.actor_ranks",
+            s.name
+        );
+    }
     let started = Instant::now();
     let adam = s.learner.adamw()?;
     let mut opt = AdamW::new(s.policy.named_parameters(), adam, AdamW::default_decay)?;
-    let ckpt_dir = s.dir.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir)?;
-    let ckpts = Checkpoints::new(&ckpt_dir, s.learner.keep_checkpoints);
-    let mut state = TrainerState::default();
-    let mut counters = Counters::default();
-    let mut resumed_from = None;
-    if let Some((path, restored)) = ckpts.restore_latest(s.policy, &mut opt)? {
-        state = restored;
-        counters = serde_json::from_value(state.extra.clone()).unwrap_or_default();
-        resumed_from = Some(state.step);
-        eprintln!(
-            "{}: resuming from {} (step {}, policy version {})",
-            s.name,
-            path.display(),
-            state.step,
-            state.policy_version
+    // Rank 0 alone keeps the record (checkpoints and the store); the other
+    // data-parallel ranks start from what it broadcasts.
+    let (mut start, record) = match dp {
+        Some(g) if g.rank() > 0 => (Start::default(), None),
+        _ => {
+            let (start, record) = open(&s, &mut opt)?;
+            (start, Some(record))
+        }
+    };
+    if let Some(g) = dp {
+        start.state = parallel::start_from_rank0(g, &mut opt, start.state)?;
+        let rest = (
+            start.counters,
+            start.resumed_from,
+            start.pending,
+            start.todo,
         );
+        (
+            start.counters,
+            start.resumed_from,
+            start.pending,
+            start.todo,
+        ) = parallel::broadcast_json(g, &rest)?;
     }
-
-    let store_path = s.dir.join(STORE_FILE);
-    let store = TrajectoryStore::open(&store_path)?;
-    if let Some(bytes) = store.recovered_partial() {
-        eprintln!(
-            "{}: cut a torn last line ({bytes} bytes) from {}",
-            s.name,
-            store_path.display()
-        );
-    }
-    let stored = read_trajectories(&store_path, false)?;
-    // Rollouts delivered after the last checkpoint are in the store but not
-    // in its counts (a problem's trajectories are stored together). Without
-    // a checkpoint, stored trajectories were fed from outside: no rollouts.
-    if let Some(after) = stored
-        .get(counters.stored as usize..)
-        .filter(|_| resumed_from.is_some())
-    {
-        let problems: HashSet<&str> = after.iter().map(|t| t.problem_id.as_str()).collect();
-        counters.rollouts += problems.len() as u64;
-        counters.generated_tokens += after.iter().map(|t| t.tokens.len() as u64).sum::<u64>();
-        counters.stored = stored.len() as u64;
-    }
-    if state.position > stored.len() {
-        bail!(
-            "{}: the checkpoint says {} trajectories were consumed but {} holds {}; \
-             the store was truncated or replaced: restore it, or delete {} to redo the stage",
-            s.name,
-            state.position,
-            store_path.display(),
-            stored.len(),
-            s.dir.display()
-        );
-    }
-    let have: HashSet<&str> = stored.iter().map(|t| t.id.as_str()).collect();
-    let todo: Vec<usize> = (0..s.problems.len())
-        .filter(|&i| {
-            !s.rollout
-                .ids(&s.problems[i])
-                .iter()
-                .all(|id| have.contains(id.as_str()))
-        })
+    let Start {
+        state,
+        counters,
+        resumed_from,
+        pending,
+        todo,
+    } = start;
+    let already = s.problems.len() - todo.len();
+    // This rank's problems: every `world`-th, so each round splits evenly.
+    let todo: Vec<usize> = todo
+        .into_iter()
+        .filter(|&i| dp.is_none_or(|g| i % g.world() == g.rank()))
         .collect();
     let index_of: HashMap<String, usize> = s
         .problems
@@ -368,7 +366,6 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         .enumerate()
         .map(|(i, p)| (p.id.clone(), i))
         .collect();
-    let pending: VecDeque<Trajectory> = stored.into_iter().skip(state.position).collect();
 
     let sync = s.runtime.mode != Mode::Async;
     let round_size = if sync {
@@ -401,21 +398,23 @@ pub fn run(s: Online) -> Result<OnlineReport> {
         policy: s.policy,
         objective: s.objective,
         opt,
-        ckpts,
+        record,
+        group: dp,
+        round: Vec::new(),
         metrics: s.metrics,
         state,
         counters,
-        pending,
+        pending: pending.into(),
         accepted_pending: 0,
-        store,
         slot: &slot,
         index_of,
         stats: &stats,
         panics_before: 0,
+        panics_elsewhere: 0,
         lags: Vec::new(),
         elapsed_before: 0.0,
         started,
-        monitor: Monitor::new(s.problems.len(), s.problems.len() - todo.len()),
+        monitor: Monitor::new(s.problems.len(), already),
     };
     learner.elapsed_before = learner.state.elapsed_s;
     learner.panics_before = learner.counters.panics;
@@ -522,7 +521,9 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     });
     learner.monitor.bar.finish_and_clear();
     let stopped = outcome?;
-    learner.store.sync()?;
+    if let Some(record) = &mut learner.record {
+        record.store.sync()?;
+    }
     if let Some(g) = ranks.filter(|_| !stopped) {
         for rank in 1..g.world() {
             RemoteActor::new(g, rank).finish(s.policy)?;
@@ -531,7 +532,10 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     let report = OnlineReport {
         steps: learner.state.step,
         policy_version: learner.state.policy_version,
-        trajectories: learner.store.len(),
+        trajectories: learner
+            .record
+            .as_ref()
+            .map_or(learner.counters.stored as usize, |r| r.store.len()),
         learner_tokens: learner.state.tokens_seen,
         counters: learner.counters.clone(),
         resumed_from,
@@ -551,6 +555,99 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     Ok(report)
 }
 
+/// Where an online stage starts: rank 0's record of earlier runs.
+#[derive(Default)]
+struct Start {
+    state: TrainerState,
+    counters: Counters,
+    resumed_from: Option<usize>,
+    /// Stored trajectories not yet consumed, in store order.
+    pending: Vec<Trajectory>,
+    /// Problems whose trajectories are not all stored.
+    todo: Vec<usize>,
+}
+
+/// What rank 0 keeps on disk: the checkpoints and the trajectory store.
+struct Record {
+    ckpts: Checkpoints,
+    store: TrajectoryStore,
+}
+
+/// Restores the stage's latest checkpoint (into `opt` and the policy) and
+/// reads its store: what is consumed, pending, and still to generate.
+fn open(s: &Online, opt: &mut AdamW) -> Result<(Start, Record)> {
+    let ckpt_dir = s.dir.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir)?;
+    let ckpts = Checkpoints::new(&ckpt_dir, s.learner.keep_checkpoints);
+    let mut state = TrainerState::default();
+    let mut counters = Counters::default();
+    let mut resumed_from = None;
+    if let Some((path, restored)) = ckpts.restore_latest(s.policy, opt)? {
+        state = restored;
+        counters = serde_json::from_value(state.extra.clone()).unwrap_or_default();
+        resumed_from = Some(state.step);
+        eprintln!(
+            "{}: resuming from {} (step {}, policy version {})",
+            s.name,
+            path.display(),
+            state.step,
+            state.policy_version
+        );
+    }
+
+    let store_path = s.dir.join(STORE_FILE);
+    let store = TrajectoryStore::open(&store_path)?;
+    if let Some(bytes) = store.recovered_partial() {
+        eprintln!(
+            "{}: cut a torn last line ({bytes} bytes) from {}",
+            s.name,
+            store_path.display()
+        );
+    }
+    let stored = read_trajectories(&store_path, false)?;
+    // Rollouts delivered after the last checkpoint are in the store but not
+    // in its counts (a problem's trajectories are stored together). Without
+    // a checkpoint, stored trajectories were fed from outside: no rollouts.
+    if let Some(after) = stored
+        .get(counters.stored as usize..)
+        .filter(|_| resumed_from.is_some())
+    {
+        let problems: HashSet<&str> = after.iter().map(|t| t.problem_id.as_str()).collect();
+        counters.rollouts += problems.len() as u64;
+        counters.generated_tokens += after.iter().map(|t| t.tokens.len() as u64).sum::<u64>();
+        counters.stored = stored.len() as u64;
+    }
+    if state.position > stored.len() {
+        bail!(
+            "{}: the checkpoint says {} trajectories were consumed but {} holds {}; \
+             the store was truncated or replaced: restore it, or delete {} to redo the stage",
+            s.name,
+            state.position,
+            store_path.display(),
+            stored.len(),
+            s.dir.display()
+        );
+    }
+    let have: HashSet<&str> = stored.iter().map(|t| t.id.as_str()).collect();
+    let todo: Vec<usize> = (0..s.problems.len())
+        .filter(|&i| {
+            !s.rollout
+                .ids(&s.problems[i])
+                .iter()
+                .all(|id| have.contains(id.as_str()))
+        })
+        .collect();
+    let pending = stored.into_iter().skip(state.position).collect();
+    let start = Start {
+        state,
+        counters,
+        resumed_from,
+        pending,
+        todo,
+    };
+    Ok((start, Record { ckpts, store }))
+}
+
 struct Learner<'a> {
     name: &'a str,
     cfg: &'a LearnerConfig,
@@ -558,19 +655,25 @@ struct Learner<'a> {
     policy: &'a Policy,
     objective: &'a mut dyn Objective,
     opt: AdamW,
-    ckpts: Checkpoints,
+    /// Rank 0's (or the one process's); none on the other data-parallel ranks.
+    record: Option<Record>,
+    /// The data-parallel ranks, when this is one of several.
+    group: Option<&'a Group>,
+    /// Data parallel: what this rank's actors delivered in the current round.
+    round: Vec<ActorMsg>,
     metrics: &'a mut dyn Metrics,
     state: TrainerState,
     counters: Counters,
     /// Stored trajectories not yet consumed, in store order (a suffix of the store).
     pending: VecDeque<Trajectory>,
     accepted_pending: usize,
-    store: TrajectoryStore,
     slot: &'a WeightSlot,
     index_of: HashMap<String, usize>,
     stats: &'a [Stats],
     /// Panics counted by earlier runs of this stage.
     panics_before: u64,
+    /// Data parallel: panics on the other ranks' actors in this run.
+    panics_elsewhere: u64,
     /// Policy lag of each trajectory trained on since the last log.
     lags: Vec<u64>,
     elapsed_before: f64,
@@ -606,7 +709,7 @@ impl Learner<'_> {
                 queue.close();
                 while !queue.is_drained() {
                     for msg in queue.pop_batch(256, Duration::from_millis(10)) {
-                        self.receive(msg)?;
+                        self.arrive(msg)?;
                     }
                 }
                 self.checkpoint()?;
@@ -615,7 +718,7 @@ impl Learner<'_> {
             for msg in queue.pop_batch(256, Duration::from_millis(20)) {
                 remaining -= 1;
                 outstanding = outstanding.saturating_sub(1);
-                self.receive(msg)?;
+                self.arrive(msg)?;
             }
             if sync {
                 if outstanding == 0 && self.state.epoch * round_size < total {
@@ -664,8 +767,22 @@ impl Learner<'_> {
         }
     }
 
+    /// What an actor delivered: stored at once by one process; held for the
+    /// round's end by a data-parallel rank (a round stopped before its end
+    /// is regenerated on resume, from the same streams).
+    fn arrive(&mut self, msg: ActorMsg) -> Result<()> {
+        if self.group.is_some() {
+            self.round.push(msg);
+            return Ok(());
+        }
+        self.receive(msg)
+    }
+
     /// Stores what an actor delivered and queues it for training.
     fn receive(&mut self, msg: ActorMsg) -> Result<()> {
+        let Some(record) = self.record.as_mut() else {
+            bail!("{}: only rank 0 stores trajectories", self.name);
+        };
         match msg {
             ActorMsg::Done {
                 trajectories,
@@ -678,7 +795,7 @@ impl Learner<'_> {
                 self.counters.reward_failures += reward_failures;
                 self.monitor.finished += 1;
                 for t in trajectories {
-                    if !self.store.append(&t)? {
+                    if !record.store.append(&t)? {
                         self.counters.duplicates += 1;
                         continue;
                     }
@@ -702,8 +819,51 @@ impl Learner<'_> {
         Ok(())
     }
 
+    /// Data parallel, at a round's end: every rank's deliveries go to rank
+    /// 0, which stores them in problem order (the order one actor delivers
+    /// them in) and counts them; its pending trajectories and counts come
+    /// back to every rank, so all ranks form the same batches.
+    fn exchange(&mut self) -> Result<()> {
+        let Some(g) = self.group else {
+            return Ok(());
+        };
+        self.count_panics();
+        let panics_here = self.counters.panics - self.panics_before - self.panics_elsewhere;
+        let mine = (std::mem::take(&mut self.round), panics_here);
+        let (counters, pending, finished, panics) =
+            parallel::exchange_json(g, mine, |all: Vec<(Vec<ActorMsg>, u64)>| {
+                let panics: Vec<u64> = all.iter().map(|(_, p)| *p).collect();
+                let mut msgs: Vec<ActorMsg> = all.into_iter().flat_map(|(m, _)| m).collect();
+                msgs.sort_by_key(|m| m.item().index);
+                for msg in msgs {
+                    self.receive(msg)?;
+                }
+                if let Some(record) = &self.record {
+                    self.counters.stored = record.store.len() as u64;
+                }
+                Ok((
+                    self.counters.clone(),
+                    self.pending.clone(),
+                    self.monitor.finished,
+                    panics,
+                ))
+            })?;
+        self.panics_elsewhere = panics.iter().sum::<u64>() - panics[g.rank()];
+        self.counters = counters;
+        self.pending = pending;
+        self.monitor.finished = finished;
+        self.accepted_pending = self
+            .pending
+            .iter()
+            .filter(|t| self.objective.accepts(t))
+            .count();
+        self.count_panics();
+        Ok(())
+    }
+
     /// Trains on a complete round in problem order, publishes and checkpoints.
     fn finish_round(&mut self) -> Result<()> {
+        self.exchange()?;
         let index_of = &self.index_of;
         self.pending.make_contiguous().sort_by(|a, b| {
             (index_of.get(&a.problem_id), &a.id).cmp(&(index_of.get(&b.problem_id), &b.id))
@@ -756,8 +916,18 @@ impl Learner<'_> {
     /// logged with each of its steps and cleared after its `last`.
     fn optimize(&mut self, batch: &[Trajectory], last: bool) -> Result<()> {
         let t0 = Instant::now();
-        let out = self.objective.loss(self.policy, batch)?;
+        // Each data-parallel rank its shard, the sums taken before clipping;
+        // a batch smaller than the world is taken whole by every rank
+        // (identical, nothing to sum).
+        let split = self.group.filter(|g| batch.len() >= g.world());
+        let shard = parallel::shard_range(batch.len(), split);
+        let out = self.objective.loss(self.policy, batch, shard)?;
         out.loss.backward();
+        let (mut loss, mut tokens, mut metrics) =
+            (out.loss.double_value(&[]), out.tokens, out.metrics);
+        if let Some(g) = split {
+            parallel::sum_step(g, &self.opt, &mut loss, &mut tokens, &mut metrics)?;
+        }
         let grad_norm = if self.cfg.max_grad_norm > 0.0 {
             self.opt.clip_grad_norm(self.cfg.max_grad_norm)
         } else {
@@ -769,12 +939,11 @@ impl Learner<'_> {
             total_steps: 0,
         };
         let lr = schedule.lr(self.cfg.lr, self.state.step);
-        let loss = out.loss.double_value(&[]);
         crate::infra::ensure_finite(self.name, self.state.step + 1, loss, grad_norm, lr)?;
         self.opt.step(lr);
         self.opt.zero_grad();
         self.state.step += 1;
-        self.state.tokens_seen += out.tokens;
+        self.state.tokens_seen += tokens;
 
         let step = self.state.step as u64;
         if self.state.step.is_multiple_of(self.cfg.log_every.max(1)) {
@@ -782,7 +951,7 @@ impl Learner<'_> {
             m.scalar("train/loss", step, loss);
             m.scalar("train/learning_rate", step, lr);
             m.scalar("train/grad_norm", step, grad_norm);
-            for (k, v) in &out.metrics {
+            for (k, v) in &metrics {
                 m.scalar(&format!("train/{k}"), step, *v);
             }
             let lags = if last {
@@ -805,7 +974,7 @@ impl Learner<'_> {
             m.scalar(
                 "perf/learner_tokens_per_s",
                 step,
-                out.tokens as f64 / t0.elapsed().as_secs_f64(),
+                tokens as f64 / t0.elapsed().as_secs_f64(),
             );
         }
         Ok(())
@@ -835,6 +1004,7 @@ impl Learner<'_> {
 
     fn count_panics(&mut self) {
         self.counters.panics = self.panics_before
+            + self.panics_elsewhere
             + self
                 .stats
                 .iter()
@@ -844,12 +1014,16 @@ impl Learner<'_> {
 
     fn checkpoint(&mut self) -> Result<()> {
         self.count_panics();
+        let Some(record) = self.record.as_mut() else {
+            return Ok(());
+        };
         // Store first: the checkpoint must never count records the disk may lose.
-        self.store.sync()?;
+        record.store.sync()?;
         self.state.elapsed_s = self.elapsed_before + self.started.elapsed().as_secs_f64();
-        self.counters.stored = self.store.len() as u64;
+        self.counters.stored = record.store.len() as u64;
         self.state.extra = serde_json::to_value(&self.counters)?;
-        self.ckpts
+        record
+            .ckpts
             .save(self.policy, &self.opt, &self.state)
             .with_context(|| format!("{}: saving a checkpoint", self.name))?;
         Ok(())

@@ -9,6 +9,7 @@
 pub mod actor;
 pub mod collect;
 pub mod learner;
+pub mod parallel;
 pub mod queue;
 pub mod remote;
 pub mod service;

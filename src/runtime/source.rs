@@ -5,11 +5,12 @@
 
 use crossbeam::queue::SegQueue;
 use crossbeam::utils::CachePadded;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// One unit of actor work: an index into the stage's problem list, and how
 /// many times it was tried before (an actor that panicked gives it back).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkItem {
     pub index: usize,
     pub attempt: u32,

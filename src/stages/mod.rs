@@ -62,12 +62,6 @@ pub trait Stage {
     fn servable(&self) -> bool {
         false
     }
-    /// Whether it trains through the offline loop alone, which runs data
-    /// parallel over several processes; online learners on the actor
-    /// runtime do not yet.
-    fn data_parallel(&self) -> bool {
-        true
-    }
     /// Every setting in range: called once at load, before any stage runs,
     /// so `run` can trust its settings.
     fn validate(&self) -> Result<()>;

@@ -82,9 +82,9 @@ impl StageSpec {
     }
 }
 
-/// The extra rules of a run over `world` processes: every stage trains
-/// data parallel, and every rank samples the same data (no asynchronous
-/// runtime), since each rank runs the sampling stages itself.
+/// The extra rules of a run over `world` processes: an online stage without
+/// actor ranks runs data parallel, each rank generating its share of every
+/// round, which needs rounds (no asynchronous runtime).
 pub fn check_distributed(stages: &[StageSpec], world: usize) -> Result<()> {
     for (k, spec) in stages.iter().enumerate() {
         let at = || format!("stage {k} ({:?}, kind {:?})", spec.name(), spec.kind());
@@ -115,18 +115,11 @@ pub fn check_distributed(stages: &[StageSpec], world: usize) -> Result<()> {
         if world == 1 {
             continue;
         }
-        if !stage.data_parallel() {
-            bail!(
-                "{}: this online learner does not run data parallel (WORLD_SIZE = {world}); \
-                 set runtime.actor_ranks = true (rank 0 learns, the others generate) or run \
-                 it in one process",
-                at()
-            );
-        }
         if stage.runtime().is_some_and(|rt| rt.mode == Mode::Async) {
             bail!(
-                "{}: runtime.mode = \"async\" would sample different data on each of the \
-                 {world} ranks; use \"sync\" or \"deterministic\", or runtime.actor_ranks",
+                "{}: runtime.mode = \"async\" cannot train data parallel over {world} ranks \
+                 (they would take different steps); use \"sync\" or \"deterministic\", or \
+                 runtime.actor_ranks",
                 at()
             );
         }

@@ -81,10 +81,6 @@ impl Stage for RejectionSamplingStage {
         Some(&self.runtime)
     }
 
-    fn data_parallel(&self) -> bool {
-        false
-    }
-
     fn servable(&self) -> bool {
         true
     }

@@ -67,10 +67,6 @@ impl Stage for RlooStage {
         Some(&self.runtime)
     }
 
-    fn data_parallel(&self) -> bool {
-        false
-    }
-
     fn validate(&self) -> Result<()> {
         required("init", &self.init)?;
         self.sampling.validate().context("sampling")?;

@@ -27,6 +27,7 @@ use medzero_policies::generate::pad_right_to;
 use medzero_policies::tokenizer::PromptTemplate;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::ops::Range;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -155,8 +156,9 @@ pub(crate) struct Scored {
     /// 1 at each completion token's position.
     pub m: Tensor,
     pub adv: Tensor,
-    /// Mean entropy of the policy over completion tokens (TRL's `entropy`).
-    pub entropy: f64,
+    /// The policy's entropy summed over the completion tokens `m` marks
+    /// (TRL's `entropy` once divided by the batch's token count).
+    pub entropy_sum: f64,
 }
 
 pub(crate) fn score(policy: &Policy, batch: &[Sample]) -> Result<Scored> {
@@ -212,9 +214,9 @@ pub(crate) fn score(policy: &Policy, batch: &[Sample]) -> Result<Scored> {
     let logp = log_probs
         .gather(2, &labels.unsqueeze(-1), false)
         .squeeze_dim(-1);
-    let entropy = tch::no_grad(|| {
+    let entropy_sum = tch::no_grad(|| {
         let h = -(log_probs.exp() * &log_probs).sum_dim_intlist(-1, false, Kind::Float);
-        (h * &m).sum(Kind::Float).double_value(&[]) / m.sum(Kind::Float).double_value(&[]).max(1.0)
+        (h * &m).sum(Kind::Float).double_value(&[])
     });
     let old_logp: Tensor = &known * &recorded + (1.0 - &known) * logp.detach();
     Ok(Scored {
@@ -224,7 +226,7 @@ pub(crate) fn score(policy: &Policy, batch: &[Sample]) -> Result<Scored> {
         old_logp,
         m,
         adv,
-        entropy,
+        entropy_sum,
     })
 }
 
@@ -264,7 +266,36 @@ pub fn loss(
     cfg: &GrpoConfig,
     max_completion: usize,
 ) -> Result<GrpoLoss> {
-    let s = score(policy, batch)?;
+    shard_loss(
+        policy,
+        reference,
+        batch,
+        0..batch.len(),
+        cfg,
+        max_completion,
+    )
+}
+
+/// The share of [`loss`] of `batch` that `batch[shard]` carries: its terms
+/// over the whole batch's normaliser (completions, completion tokens), so
+/// the shards of a batch give, summed, its loss, gradient and metrics.
+pub fn shard_loss(
+    policy: &Policy,
+    reference: Option<&Policy>,
+    batch: &[Sample],
+    shard: Range<usize>,
+    cfg: &GrpoConfig,
+    max_completion: usize,
+) -> Result<GrpoLoss> {
+    let rows = batch.len() as f64;
+    let trained: usize = batch
+        .iter()
+        .filter(|s| !s.masked)
+        .map(|s| s.completion.len())
+        .sum();
+    let tokens = trained.max(1) as f64;
+    let part = &batch[shard];
+    let s = score(policy, part)?;
     let (m, adv) = (&s.m, &s.adv);
     let log_ratio = &s.logp - &s.old_logp;
     let log_w = match cfg.importance_sampling_level {
@@ -278,6 +309,8 @@ pub fn loss(
     let (lo, hi) = cfg.clip_range();
     let clipped = ratio.clamp(lo, hi);
     let policy_term = -(&ratio * adv).minimum(&(&clipped * adv));
+    // The mean over the batch's completion tokens of a per-token quantity.
+    let token_mean = |x: &Tensor| (x * m).sum(Kind::Float).double_value(&[]) / tokens;
     let (per_token, kl_mean) = if cfg.beta > 0.0 {
         let Some(reference) = reference else {
             bail!("grpo: beta = {} needs a reference model", cfg.beta);
@@ -289,43 +322,35 @@ pub fn loss(
         } else {
             k3
         };
-        let mean = masked_mean(&kl.detach(), m);
+        let mean = token_mean(&kl.detach());
         (policy_term + cfg.beta * kl, Some(mean))
     } else {
         (policy_term, None)
     };
     let masked = &per_token * m;
-    let rows = batch.len() as f64;
     let loss = match cfg.loss_type {
         LossType::Grpo => {
             let per_seq = masked.sum_dim_intlist(1, false, Kind::Float)
                 / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
-            per_seq.mean(Kind::Float)
+            per_seq.sum(Kind::Float) / rows
         }
-        LossType::Bnpo | LossType::Dapo => {
-            masked.sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
-        }
+        LossType::Bnpo | LossType::Dapo => masked.sum(Kind::Float) / tokens,
         LossType::DrGrpo => masked.sum(Kind::Float) / (rows * max_completion as f64),
     };
     let ratio = ratio.detach();
     let low = ratio.lt(lo).logical_and(&adv.lt(0.0)).to_kind(Kind::Float);
     let high = ratio.gt(hi).logical_and(&adv.gt(0.0)).to_kind(Kind::Float);
     let region = low.logical_or(&high).to_kind(Kind::Float);
-    let n = batch.iter().map(|s| s.completion.len()).sum::<usize>() as f64;
+    let n = part.iter().map(|s| s.completion.len()).sum::<usize>() as f64;
     Ok(GrpoLoss {
         loss,
         completion_tokens: n,
-        clip_low: masked_mean(&low, m),
-        clip_high: masked_mean(&high, m),
-        clip_region: masked_mean(&region, m),
+        clip_low: token_mean(&low),
+        clip_high: token_mean(&high),
+        clip_region: token_mean(&region),
         kl: kl_mean,
-        entropy: s.entropy,
+        entropy: s.entropy_sum / tokens,
     })
-}
-
-/// The mean of `x` over the completion tokens `m` marks.
-fn masked_mean(x: &Tensor, m: &Tensor) -> f64 {
-    (x * m).sum(Kind::Float).double_value(&[]) / m.sum(Kind::Float).double_value(&[]).max(1.0)
 }
 
 /// GRPO on the trajectories of an online stage: each carries the advantages
@@ -393,12 +418,16 @@ pub(crate) fn trainable(prompts: &HashMap<String, Vec<i64>>, t: &Trajectory) -> 
 /// TRL's batch metrics of the completions themselves: `reward`,
 /// `reward_std` (the mean over groups of the group's std) and
 /// `frac_reward_zero_std`, over the groups the batch holds, and the
-/// completions' `mean_length` and `clipped_ratio` (cut at the budget).
+/// completions' `mean_length` and `clipped_ratio` (cut at the budget). Each
+/// is the whole batch's value times `shard`'s part of the batch, so the
+/// ranks' shares of a batch sum to it.
 pub(crate) fn completion_metrics(
     batch: &[Trajectory],
+    shard: &Range<usize>,
     end_of_turn: i64,
 ) -> Vec<(&'static str, f64)> {
     let n = batch.len() as f64;
+    let part = shard.len() as f64 / n;
     let mut groups: HashMap<&str, Vec<f64>> = HashMap::new();
     for t in batch {
         groups
@@ -416,7 +445,7 @@ pub(crate) fn completion_metrics(
         })
         .collect();
     let g = stds.len() as f64;
-    vec![
+    [
         (
             "reward",
             batch.iter().map(|t| t.reward as f64).sum::<f64>() / n,
@@ -439,6 +468,9 @@ pub(crate) fn completion_metrics(
                 / n,
         ),
     ]
+    .into_iter()
+    .map(|(k, v)| (k, v * part))
+    .collect()
 }
 
 impl Objective for GrpoObjective {
@@ -451,21 +483,27 @@ impl Objective for GrpoObjective {
         self.cfg.num_iterations
     }
 
-    fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss> {
+    fn loss(
+        &mut self,
+        policy: &Policy,
+        batch: &[Trajectory],
+        shard: Range<usize>,
+    ) -> Result<ObjectiveLoss> {
         let masking = self.cfg.mask_truncated_completions;
         let samples = samples(&self.prompts, batch, masking.then_some(self.end_of_turn));
-        let out = loss(
+        let out = shard_loss(
             policy,
             self.reference.as_ref(),
             &samples,
+            shard.clone(),
             &self.cfg,
             self.max_completion,
         )?;
-        let tokens = samples
+        let tokens = samples[shard.clone()]
             .iter()
             .map(|s| (s.prompt.len() + s.completion.len()) as u64)
             .sum();
-        let mut metrics = completion_metrics(batch, self.end_of_turn);
+        let mut metrics = completion_metrics(batch, &shard, self.end_of_turn);
         metrics.extend([
             ("clip_ratio/low_mean", out.clip_low),
             ("clip_ratio/high_mean", out.clip_high),

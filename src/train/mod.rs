@@ -11,13 +11,13 @@
 pub mod dpo;
 pub mod grpo;
 pub mod kto;
-pub mod parallel;
 pub mod prm;
 pub mod rloo;
 pub mod sft;
 
 use crate::infra::checkpoint::{Checkpoints, TrainerState};
 use crate::infra::monitor::Metrics;
+use crate::runtime::parallel;
 use anyhow::{Result, bail};
 use medzero_policies::Policy;
 use medzero_policies::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};

@@ -20,6 +20,7 @@ use medzero_policies::Policy;
 use medzero_policies::tokenizer::PromptTemplate;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::ops::Range;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,7 +71,25 @@ pub struct RlooLoss {
 }
 
 pub fn loss(policy: &Policy, batch: &[Sample], cfg: &RlooConfig) -> Result<RlooLoss> {
-    let s = score(policy, batch)?;
+    shard_loss(policy, batch, 0..batch.len(), cfg)
+}
+
+/// The share of [`loss`] of `batch` that `batch[shard]` carries: its terms
+/// over the whole batch's completions and tokens, so the shards of a batch
+/// give, summed, its loss, gradient and metrics.
+pub fn shard_loss(
+    policy: &Policy,
+    batch: &[Sample],
+    shard: Range<usize>,
+    cfg: &RlooConfig,
+) -> Result<RlooLoss> {
+    let rows = batch.len() as f64;
+    let tokens = batch
+        .iter()
+        .map(|s| s.completion.len())
+        .sum::<usize>()
+        .max(1) as f64;
+    let s = score(policy, &batch[shard])?;
     let seq = |x: &Tensor| (x * &s.m).sum_dim_intlist(1, false, Kind::Float);
     let ratio = (seq(&s.logp) - seq(&s.old_logp)).exp();
     // The completion's advantage: its tokens share it.
@@ -80,9 +99,9 @@ pub fn loss(policy: &Policy, batch: &[Sample], cfg: &RlooConfig) -> Result<RlooL
         1.0 + cfg.epsilon_high.unwrap_or(cfg.epsilon),
     );
     let clipped = ratio.clamp(lo, hi);
-    let loss = (-(&ratio * &adv).minimum(&(&clipped * &adv))).mean(Kind::Float);
+    let loss = (-(&ratio * &adv).minimum(&(&clipped * &adv))).sum(Kind::Float) / rows;
     let ratio = ratio.detach();
-    let share = |x: &Tensor| x.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    let share = |x: &Tensor| x.to_kind(Kind::Float).sum(Kind::Float).double_value(&[]) / rows;
     let low = ratio.lt(lo).logical_and(&adv.lt(0.0));
     let high = ratio.gt(hi).logical_and(&adv.gt(0.0));
     Ok(RlooLoss {
@@ -90,7 +109,7 @@ pub fn loss(policy: &Policy, batch: &[Sample], cfg: &RlooConfig) -> Result<RlooL
         clip_low: share(&low),
         clip_high: share(&high),
         clip_region: share(&low.logical_or(&high)),
-        entropy: s.entropy,
+        entropy: s.entropy_sum / tokens,
     })
 }
 
@@ -126,7 +145,12 @@ impl Objective for RlooObjective {
         self.cfg.num_iterations
     }
 
-    fn loss(&mut self, policy: &Policy, batch: &[Trajectory]) -> Result<ObjectiveLoss> {
+    fn loss(
+        &mut self,
+        policy: &Policy,
+        batch: &[Trajectory],
+        shard: Range<usize>,
+    ) -> Result<ObjectiveLoss> {
         let mut samples = samples(&self.prompts, batch, None);
         // A completion's tokens share its advantage.
         let standardised: Vec<Vec<f32>> = if self.cfg.normalize_advantages {
@@ -142,12 +166,12 @@ impl Objective for RlooObjective {
         for (s, a) in samples.iter_mut().zip(&standardised) {
             s.advantages = a;
         }
-        let out = loss(policy, &samples, &self.cfg)?;
-        let tokens = samples
+        let out = shard_loss(policy, &samples, shard.clone(), &self.cfg)?;
+        let tokens = samples[shard.clone()]
             .iter()
             .map(|s| (s.prompt.len() + s.completion.len()) as u64)
             .sum();
-        let mut metrics = completion_metrics(batch, self.end_of_turn);
+        let mut metrics = completion_metrics(batch, &shard, self.end_of_turn);
         metrics.extend([
             ("clip_ratio/low_mean", out.clip_low),
             ("clip_ratio/high_mean", out.clip_high),
@@ -158,7 +182,8 @@ impl Objective for RlooObjective {
         let kls: Option<Vec<f64>> = batch.iter().map(|t| t.meta["kl"].as_f64()).collect();
         if let Some(kls) = kls {
             let n: usize = batch.iter().map(|t| t.tokens.len()).sum();
-            metrics.push(("kl", kls.iter().sum::<f64>() / n.max(1) as f64));
+            let mine: f64 = kls[shard].iter().sum();
+            metrics.push(("kl", mine / n.max(1) as f64));
         }
         Ok(ObjectiveLoss {
             loss: out.loss,

@@ -246,12 +246,15 @@ impl crate::runtime::learner::Objective for TrajectorySft {
         &mut self,
         policy: &Policy,
         batch: &[medzero_envs::Trajectory],
+        shard: std::ops::Range<usize>,
     ) -> Result<crate::runtime::learner::ObjectiveLoss> {
         let mut ids = Vec::with_capacity(batch.len());
         let mut targets = Vec::with_capacity(batch.len());
         let mut behaviour = Vec::with_capacity(batch.len());
         let end = policy.tokenizer.end_of_turn_id(&self.template);
-        for t in batch {
+        // The whole batch's target count normalises every shard's loss.
+        let mut whole_targets = 0i64;
+        for (k, t) in batch.iter().enumerate() {
             let prompt = &self.prompts[&t.problem_id];
             let completion = if t.tokens.is_empty() {
                 let mut c = policy
@@ -266,25 +269,31 @@ impl crate::runtime::learner::Objective for TrajectorySft {
             let mut tgt: Vec<i64> = std::iter::repeat_n(0, prompt.len())
                 .chain(std::iter::repeat_n(1, completion.len()))
                 .collect();
+            seq.truncate(self.max_len);
+            tgt.truncate(self.max_len);
+            // As `shifted_targets` counts them: every target but the first token.
+            whole_targets += tgt.iter().skip(1).sum::<i64>();
+            if !shard.contains(&k) {
+                continue;
+            }
             // Behaviour log-probs aligned with token_nll (the entry before
             // each token), and whether they are known: outside data has none,
             // and its ratio is taken as 1.
-            let mut beh = vec![(0.0f32, 0.0f32); seq.len()];
+            let mut beh = vec![(0.0f32, 0.0f32); prompt.len() + completion.len()];
             if t.logprobs.len() == completion.len() && !prompt.is_empty() {
                 for (k, &lp) in t.logprobs.iter().enumerate() {
                     beh[prompt.len() - 1 + k] = (lp, 1.0);
                 }
             }
-            seq.truncate(self.max_len);
-            tgt.truncate(self.max_len);
             ids.push(seq);
             targets.push(tgt);
             behaviour.push(beh);
         }
+        let n_targets = whole_targets.max(1) as f64;
         let (ids, mask) = pad_right_to(&ids, policy.tokenizer.pad_id(), 16);
         let (targets, _) = pad_right_to(&targets, 0, 16);
         let device = policy.device();
-        let (rows, width) = (batch.len() as i64, ids.size()[1]);
+        let (rows, width) = (shard.len() as i64, ids.size()[1]);
         let column = |pick: fn(&(f32, f32)) -> f32| {
             let flat: Vec<f32> = behaviour
                 .iter()
@@ -297,26 +306,26 @@ impl crate::runtime::learner::Objective for TrajectorySft {
         let (beh, known) = (column(|b| b.0), column(|b| b.1));
         let nll = token_nll(policy, &ids.to_device(device), &mask.to_device(device));
         let m = shifted_targets(&targets, device);
-        let n_targets = m.sum(Kind::Float).double_value(&[]).max(1.0);
-        let (weights, mean_weight) = if self.importance_clip > 0.0 {
+        let mine = m.sum(Kind::Float).double_value(&[]);
+        let (weights, weight_share) = if self.importance_clip > 0.0 {
             let measured: Tensor = (-nll.detach() - &beh).exp() * &known;
             let ratio = (measured - &known + 1.0).clamp_max(self.importance_clip);
             let w = &ratio * &m;
-            let mean = w.sum(Kind::Float).double_value(&[]) / n_targets;
-            (w, mean)
+            let share = w.sum(Kind::Float).double_value(&[]) / n_targets;
+            (w, share)
         } else {
-            (m.shallow_clone(), 1.0)
+            (m.shallow_clone(), mine / n_targets)
         };
         let loss = (&nll * &weights).sum(Kind::Float) / n_targets;
         let tokens = Vec::<i64>::try_from(&mask.sum(Kind::Int64).view([1]))?[0] as u64;
-        let reward = batch.iter().map(|t| t.reward as f64).sum::<f64>() / batch.len() as f64;
+        let reward = batch[shard].iter().map(|t| t.reward as f64).sum::<f64>() / batch.len() as f64;
         Ok(crate::runtime::learner::ObjectiveLoss {
             loss,
             tokens,
             metrics: vec![
-                ("importance_weight_mean", mean_weight),
+                ("importance_weight_mean", weight_share),
                 ("reward_mean", reward),
-                ("completion_tokens", n_targets),
+                ("completion_tokens", mine),
             ],
         })
     }

@@ -185,13 +185,13 @@ impl<'p> LearnerStep<'p> {
                 targets,
                 tokens,
             } => {
-                let rows = crate::train::parallel::shard_range(ids.size()[0] as usize, group);
+                let rows = crate::runtime::parallel::shard_range(ids.size()[0] as usize, group);
                 let (start, len) = (rows.start as i64, rows.len() as i64);
                 let cut = |t: &Tensor| t.narrow(0, start, len);
                 completion_nll_sum(policy, &cut(ids), &cut(mask), &cut(targets)) / *tokens
             }
             Work::Dpo { dpo, all } => {
-                let mine = crate::train::parallel::shard(all, group);
+                let mine = crate::runtime::parallel::shard(all, group);
                 dpo.micro_loss(policy, all, mine)?.loss
             }
             Work::Grpo {
@@ -216,7 +216,7 @@ impl<'p> LearnerStep<'p> {
         loss.backward();
         if let Some(g) = group.filter(|_| self.data_parallel()) {
             let params: Vec<Tensor> = self.opt.params().map(Tensor::shallow_clone).collect();
-            crate::train::parallel::allreduce_grads(g, &params)?;
+            crate::runtime::parallel::allreduce_grads(g, &params)?;
         }
         self.opt.clip_grad_norm(1.0);
         self.opt.step(1e-4);

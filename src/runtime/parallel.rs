@@ -1,9 +1,10 @@
-//! Data parallelism for the offline loop over c10d (`medzero_dist`): every
-//! rank takes a contiguous shard of each optimizer step's items, gradients
-//! are summed over the ranks in flat buckets before clipping and AdamW, so
-//! every rank applies the same update to the same weights. A micro-batch's
-//! loss is already its share of the whole step's loss ([`super::MicroLoss`]),
-//! so the summed gradient is the one-process gradient of the global batch.
+//! Data parallelism over c10d (`medzero_dist`), for the offline loop and
+//! the online learner alike: every rank takes a contiguous shard of each
+//! optimizer step's items, gradients are summed over the ranks in flat
+//! buckets before clipping and AdamW, so every rank applies the same update
+//! to the same weights. A shard's loss is already its share of the whole
+//! step's loss (normalised by the whole step's counts), so the summed
+//! gradient is the one-process gradient of the global batch.
 
 use crate::infra::checkpoint::TrainerState;
 use anyhow::{Context, Result, bail};
@@ -18,13 +19,11 @@ use tch::{Kind, Tensor};
 const BUCKET: i64 = 1 << 23;
 
 /// This rank's share of `n` items: the `rank`-th of `world` contiguous
-/// equal shards (the step size is checked to divide); all of them alone.
+/// shards, whose sizes differ by at most one (equal when `world` divides
+/// `n`; some are empty when `n` < `world`); all of them alone.
 pub fn shard_range(n: usize, group: Option<&Group>) -> std::ops::Range<usize> {
     match group {
-        Some(g) => {
-            let per = n / g.world();
-            g.rank() * per..(g.rank() + 1) * per
-        }
+        Some(g) => g.rank() * n / g.world()..(g.rank() + 1) * n / g.world(),
         None => 0..n,
     }
 }
@@ -201,4 +200,50 @@ pub fn broadcast_json<T: Serialize + DeserializeOwned>(group: &Group, value: &T)
     group.broadcast(&mut buf, 0)?;
     let got: Vec<u8> = Vec::try_from(&buf)?;
     serde_json::from_slice(&got).context("rank 0's broadcast state does not parse")
+}
+
+/// Every rank's `mine`, in rank order, merged on rank 0 by `merge`; the
+/// merged value is returned on every rank. Point-to-point JSON messages
+/// whose every wait lasts as long as the peer lives, not the collective
+/// timeout: a rank's share of a round may finish long before another's.
+pub fn exchange_json<T, U>(
+    group: &Group,
+    mine: T,
+    merge: impl FnOnce(Vec<T>) -> Result<U>,
+) -> Result<U>
+where
+    T: Serialize + DeserializeOwned,
+    U: Serialize + DeserializeOwned,
+{
+    const GATHER: i32 = 21;
+    const MERGED: i32 = 22;
+    if group.rank() > 0 {
+        send_json(group, &mine, 0, GATHER)?;
+        return recv_json(group, 0, MERGED);
+    }
+    let mut all = vec![mine];
+    for rank in 1..group.world() {
+        all.push(recv_json(group, rank, GATHER)?);
+    }
+    let merged = merge(all)?;
+    for rank in 1..group.world() {
+        send_json(group, &merged, rank, MERGED)?;
+    }
+    Ok(merged)
+}
+
+fn send_json<T: Serialize>(group: &Group, value: &T, dst: usize, tag: i32) -> Result<()> {
+    let bytes = serde_json::to_vec(value)?;
+    group.send_waiting(&Tensor::from_slice(&[bytes.len() as i64]), dst, tag, None)?;
+    group.send_waiting(&Tensor::from_slice(&bytes), dst, tag, None)?;
+    Ok(())
+}
+
+fn recv_json<T: DeserializeOwned>(group: &Group, src: usize, tag: i32) -> Result<T> {
+    let mut len = Tensor::zeros([1], (Kind::Int64, tch::Device::Cpu));
+    group.recv(&mut len, src, tag, None)?;
+    let mut buf = Tensor::zeros([len.int64_value(&[0])], (Kind::Uint8, tch::Device::Cpu));
+    group.recv(&mut buf, src, tag, None)?;
+    let got: Vec<u8> = Vec::try_from(&buf)?;
+    serde_json::from_slice(&got).with_context(|| format!("rank {src}'s message does not parse"))
 }
