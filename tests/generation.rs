@@ -193,8 +193,13 @@ fn prefix_reuse_on_and_off_build_the_same_tree() {
 }
 
 /// Each generated token's log-prob equals the one a fresh forward pass over
-/// prompt + generated tokens gives it.
-fn assert_teacher_forced(policy: &Policy, prompt: &[i64], g: &medzero_policies::Generation) {
+/// prompt + generated tokens gives it at the sampling `temperature`.
+fn assert_teacher_forced(
+    policy: &Policy,
+    prompt: &[i64],
+    g: &medzero_policies::Generation,
+    temperature: f64,
+) {
     if g.tokens.is_empty() {
         return;
     }
@@ -202,7 +207,8 @@ fn assert_teacher_forced(policy: &Policy, prompt: &[i64], g: &medzero_policies::
     let t = whole.len() as i64;
     let ids = Tensor::from_slice(&whole).view([1, t]);
     let mask = Tensor::ones([1, t], (tch::Kind::Int64, tch::Device::Cpu));
-    let logp = tch::no_grad(|| policy.logits(&ids, &mask)).log_softmax(-1, tch::Kind::Float);
+    let logits = tch::no_grad(|| policy.logits(&ids, &mask)) / temperature;
+    let logp = logits.log_softmax(-1, tch::Kind::Float);
     for (j, (&tok, &lp)) in g.tokens.iter().zip(&g.logprobs).enumerate() {
         let at = prompt.len() as i64 - 1 + j as i64;
         let fresh = logp.double_value(&[0, at, tok]);
@@ -238,11 +244,18 @@ fn sampled_tokens_have_the_log_probs_of_a_fresh_forward() {
         .iter()
         .zip(policy.generate(&prompts, &params, &mut rng).unwrap())
     {
-        assert_teacher_forced(&policy, prompt, &g);
+        assert_teacher_forced(&policy, prompt, &g, 1.0);
     }
-    // Forked samples of one prompt.
-    for g in policy.sample_n(&prompts[1], 4, &params, &mut rng).unwrap() {
-        assert_teacher_forced(&policy, &prompts[1], &g);
+    // Forked samples of one prompt, at 1 and at 0.7 (whose distribution
+    // the log-probs are then of).
+    for temperature in [1.0, 0.7] {
+        let params = SamplingParams {
+            temperature,
+            ..params.clone()
+        };
+        for g in policy.sample_n(&prompts[1], 4, &params, &mut rng).unwrap() {
+            assert_teacher_forced(&policy, &prompts[1], &g, temperature);
+        }
     }
 }
 
@@ -279,7 +292,7 @@ fn self_corrections_and_their_pairs_carry_the_sampled_ids() {
                 text: String::new(),
                 finish: medzero_policies::Finish::Eos,
             };
-            assert_teacher_forced(&policy, &prompt, &g);
+            assert_teacher_forced(&policy, &prompt, &g, 0.7);
             let record = Correction::of(&t).unwrap();
             let (Some(text), Some(ids)) = (record.correction, record.correction_ids) else {
                 continue;

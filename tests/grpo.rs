@@ -247,13 +247,18 @@ fn medzero_step(
     completions: &[Vec<i64>],
     adv: &[f32],
     cfg: &GrpoConfig,
+    temperature: f64,
 ) -> Step {
     let eos = policy.tokenizer.eos_id();
     let adv = per_token(completions, adv);
     let masked = cfg.mask_truncated_completions.then_some(eos);
     let samples = samples(prompts, completions, &adv, &[], masked);
     let mut opt = adamw(policy);
-    let out = grpo::loss(policy, reference, &samples, cfg, 8).unwrap();
+    let sampled = grpo::Sampled {
+        max_completion: 8,
+        temperature,
+    };
+    let out = grpo::loss(policy, reference, &samples, cfg, sampled).unwrap();
     let loss = out.loss.double_value(&[]);
     out.loss.backward();
     let norm = opt.clip_grad_norm(1.0);
@@ -274,6 +279,7 @@ struct Case {
     bias_correction: bool,
     level: ImportanceLevel,
     mask_truncated: bool,
+    temperature: f64,
 }
 
 impl Case {
@@ -304,12 +310,14 @@ fn case(loss_type: LossType, scale: ScaleRewards) -> Case {
         bias_correction: true,
         level: ImportanceLevel::Token,
         mask_truncated: false,
+        temperature: 1.0,
     }
 }
 
 /// Each loss type; the KL term to a reference unlike the policy, with and
 /// without TRL's bias correction; GSPO's sequence-level ratio; truncated
-/// completions masked out (DAPO's overlong filtering).
+/// completions masked out (DAPO's overlong filtering); a sampling
+/// temperature of 0.7, which divides the logits of policy and reference.
 #[test]
 fn one_step_matches_trl_grpo_trainer() {
     let cases = [
@@ -338,6 +346,15 @@ fn one_step_matches_trl_grpo_trainer() {
             mask_truncated: true,
             ..case(LossType::Grpo, ScaleRewards::Group)
         },
+        Case {
+            temperature: 0.7,
+            beta: 0.04,
+            ..case(LossType::Dapo, ScaleRewards::Group)
+        },
+        Case {
+            temperature: 0.7,
+            ..case(LossType::Grpo, ScaleRewards::Group)
+        },
     ];
     for c in cases {
         let tmp = tempfile::tempdir().unwrap();
@@ -364,6 +381,7 @@ fn one_step_matches_trl_grpo_trainer() {
                 "importance_sampling_level": trl_level,
                 "mask_truncated_completions": c.mask_truncated,
                 "epsilon": 0.2,
+                "temperature": c.temperature,
             })),
             "prompts": prompts,
             "completions": completions,
@@ -378,8 +396,8 @@ fn one_step_matches_trl_grpo_trainer() {
         let trl = peer(tmp.path(), &spec);
         let what = format!(
             "{trl_loss}, scale_rewards {trl_scale}, beta {}, bias correction {}, {trl_level} level, \
-             truncated masked {}",
-            c.beta, c.bias_correction, c.mask_truncated
+             truncated masked {}, temperature {}",
+            c.beta, c.bias_correction, c.mask_truncated, c.temperature
         );
 
         let adv: Vec<f32> = rewards
@@ -407,6 +425,7 @@ fn one_step_matches_trl_grpo_trainer() {
             &completions,
             &adv,
             &cfg,
+            c.temperature,
         );
         let close = |name: &str, ours: f64, tol: f64| {
             let theirs = trl[name]
@@ -433,12 +452,18 @@ fn one_step_matches_trl_grpo_trainer() {
 
 /// RLOO against TRL 1.16's RLOOTrainer: one step on the same checkpoint,
 /// prompts, completions and rewards, without and with the KL in the reward
-/// (to a reference unlike the policy), and with the advantages standardised
-/// over the batch.
+/// (to a reference unlike the policy), with the advantages standardised
+/// over the batch, and at a sampling temperature of 0.7.
 #[test]
 fn one_step_matches_trl_rloo_trainer() {
-    for (beta, normalize) in [(0.0, false), (0.05, false), (0.05, true)] {
-        let what = format!("beta {beta}, normalize_advantages {normalize}");
+    for (beta, normalize, temperature) in [
+        (0.0, false, 1.0),
+        (0.05, false, 1.0),
+        (0.05, true, 1.0),
+        (0.05, false, 0.7),
+    ] {
+        let what =
+            format!("beta {beta}, normalize_advantages {normalize}, temperature {temperature}");
         let tmp = tempfile::tempdir().unwrap();
         let (policy, reference) = policy_and_reference(tmp.path());
         let eos = policy.tokenizer.eos_id();
@@ -450,6 +475,7 @@ fn one_step_matches_trl_rloo_trainer() {
                 "beta": beta,
                 "epsilon": 0.2,
                 "normalize_advantages": normalize,
+                "temperature": temperature,
             })),
             "prompts": prompts,
             "completions": completions,
@@ -471,10 +497,10 @@ fn one_step_matches_trl_rloo_trainer() {
             let refs: Vec<&[i64]> = group.iter().map(Vec::as_slice).collect();
             let old: Vec<Vec<f32>> = group
                 .iter()
-                .map(|c| vec![policy_logp(&policy, p, c)])
+                .map(|c| vec![policy_logp(&policy, p, c, temperature)])
                 .collect();
             let old: Vec<&[f32]> = old.iter().map(Vec::as_slice).collect();
-            let kl = rloo_actor::sequence_kl(&reference, p, &refs, &old).unwrap();
+            let kl = rloo_actor::sequence_kl(&reference, p, &refs, &old, temperature).unwrap();
             kl_sum += kl.iter().map(|&k| k as f64).sum::<f64>();
             let r = &rewards[adv.len()..adv.len() + 4];
             adv.extend(rloo_actor::advantages(r, &kl, beta));
@@ -509,6 +535,7 @@ fn one_step_matches_trl_rloo_trainer() {
                 beta,
                 ..RlooConfig::default()
             },
+            temperature,
         )
         .unwrap();
         let loss = out.loss.double_value(&[]);
@@ -650,7 +677,7 @@ fn several_iterations_per_batch_match_trl() {
                     .map(|o| vec![o.iter().sum()])
                     .collect();
                 let sums: Vec<&[f32]> = sums.iter().map(Vec::as_slice).collect();
-                let kl = rloo_actor::sequence_kl(&reference, p, &refs, &sums).unwrap();
+                let kl = rloo_actor::sequence_kl(&reference, p, &refs, &sums, 1.0).unwrap();
                 adv.extend(rloo_actor::advantages(
                     &rewards[g * 4..g * 4 + 4],
                     &kl,
@@ -679,10 +706,15 @@ fn several_iterations_per_batch_match_trl() {
         assert_eq!(steps.len(), c.mu, "{what}: TRL took {} steps", steps.len());
         for (k, theirs) in steps.iter().enumerate() {
             let (loss, clip_region) = if c.trainer == "grpo" {
-                let out = grpo::loss(&policy, Some(&reference), &samples, &grpo_cfg, 8).unwrap();
+                let sampled = grpo::Sampled {
+                    max_completion: 8,
+                    temperature: 1.0,
+                };
+                let out =
+                    grpo::loss(&policy, Some(&reference), &samples, &grpo_cfg, sampled).unwrap();
                 (out.loss, out.clip_region)
             } else {
-                let out = rloo::loss(&policy, &samples, &rloo_cfg).unwrap();
+                let out = rloo::loss(&policy, &samples, &rloo_cfg, 1.0).unwrap();
                 (out.loss, out.clip_region)
             };
             let value = loss.double_value(&[]);
@@ -722,8 +754,9 @@ fn several_iterations_per_batch_match_trl() {
     );
 }
 
-/// Σ over `completion` of the policy's log-prob of each token after `prompt`.
-fn policy_logp(policy: &Policy, prompt: &[i64], completion: &[i64]) -> f32 {
+/// Σ over `completion` of the policy's log-prob of each token after
+/// `prompt`, at `temperature`.
+fn policy_logp(policy: &Policy, prompt: &[i64], completion: &[i64], temperature: f64) -> f32 {
     let ids: Vec<i64> = [prompt, completion].concat();
     let n = ids.len() as i64;
     let marks: Vec<f32> = (0..ids.len())
@@ -732,7 +765,8 @@ fn policy_logp(policy: &Policy, prompt: &[i64], completion: &[i64]) -> f32 {
     let t = tch::Tensor::from_slice(&ids).view([1, n]);
     let mask = tch::Tensor::ones([1, n], (tch::Kind::Int64, tch::Device::Cpu));
     let m = tch::Tensor::from_slice(&marks).view([1, n]);
-    tch::no_grad(|| policy.sequence_logprobs(&t, &mask, &m)).double_value(&[0]) as f32
+    tch::no_grad(|| policy.tempered_sequence_logprobs(&t, &mask, &m, temperature))
+        .double_value(&[0]) as f32
 }
 
 /// The `grpo` stage end to end through the CLI on a tiny world, with the KL
@@ -1161,7 +1195,10 @@ fn tied_groups_are_dropped_only_when_asked() {
             ..GrpoConfig::default()
         },
         prompts: [("p".to_string(), vec![3, 4])].into_iter().collect(),
-        max_completion: 8,
+        sampled: grpo::Sampled {
+            max_completion: 8,
+            temperature: 1.0,
+        },
         reference: None,
         end_of_turn: 2,
     };

@@ -25,6 +25,7 @@ fn objective(policy: &Policy, clip: f64) -> TrajectorySft {
         importance_clip: clip,
         max_len: 64,
         template: PromptTemplate::Plain,
+        temperature: 1.0,
     }
 }
 

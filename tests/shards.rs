@@ -3,11 +3,12 @@
 //! metric of the whole batch in one process, for each online objective
 //! (rejection sampling's SFT, GRPO with each loss type, the KL term, GSPO's
 //! ratio and masking of truncated completions, RLOO with standardised
-//! advantages), with shards of unequal sizes.
+//! advantages, some at a sampling temperature of 0.7), with shards of
+//! unequal sizes.
 
 mod support;
 use medzero::runtime::learner::Objective;
-use medzero::train::grpo::{GrpoConfig, GrpoObjective, ImportanceLevel, LossType};
+use medzero::train::grpo::{GrpoConfig, GrpoObjective, ImportanceLevel, LossType, Sampled};
 use medzero::train::rloo::{RlooConfig, RlooObjective};
 use medzero::train::sft::TrajectorySft;
 use medzero_envs::{Step, Trajectory};
@@ -139,13 +140,14 @@ fn assert_shards_sum_to_the_batch(name: &str, objective: &mut dyn Objective, pol
 #[test]
 fn rejection_sampling_shards_sum_to_the_batch() {
     let policy = support::tiny_policy(WORDS, 1);
-    for (clip, max_len) in [(0.0, 64), (1.5, 64), (0.0, 9)] {
+    for (clip, max_len, temperature) in [(0.0, 64, 1.0), (1.5, 64, 0.7), (0.0, 9, 1.0)] {
         let mut o = TrajectorySft {
             prompts: prompts(&policy),
             min_reward: 0.0,
             importance_clip: clip,
             max_len,
             template: PromptTemplate::Plain,
+            temperature,
         };
         assert_shards_sum_to_the_batch(
             &format!("sft clip {clip} max_len {max_len}"),
@@ -185,10 +187,15 @@ fn grpo_shards_sum_to_the_batch() {
     for cfg in cases {
         let name = format!("grpo {cfg:?}");
         let reference = (cfg.beta > 0.0).then(|| support::tiny_policy(WORDS, 2));
+        // The KL case also samples at 0.7, tempering policy and reference.
+        let temperature = if cfg.beta > 0.0 { 0.7 } else { 1.0 };
         let mut o = GrpoObjective {
             cfg,
             prompts: prompts(&policy),
-            max_completion: 16,
+            sampled: Sampled {
+                max_completion: 16,
+                temperature,
+            },
             reference,
             end_of_turn: eot,
         };
@@ -209,6 +216,7 @@ fn rloo_shards_sum_to_the_batch() {
             },
             prompts: prompts(&policy),
             end_of_turn: eot,
+            temperature: 0.7,
         };
         assert_shards_sum_to_the_batch(
             &format!("rloo normalize {normalize_advantages}"),

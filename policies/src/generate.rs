@@ -86,8 +86,10 @@ pub enum Finish {
 pub struct Generation {
     /// Every generated token, including the EOS or the tokens of a stop string.
     pub tokens: Vec<i64>,
-    /// Log-probability of each token under the model (temperature 1, no
-    /// filtering): what learners and importance weights need.
+    /// Log-probability of each token under the model's distribution at the
+    /// sampling temperature (the raw model when greedy), before top-k,
+    /// top-p and the canonical mask: what a learner computes with the same
+    /// temperature (TRL's semantics), so on-policy ratios are 1.
     pub logprobs: Vec<f32>,
     /// Decoded text, cut before a stop string; special tokens dropped.
     pub text: String,
@@ -112,10 +114,22 @@ pub fn streams(rng: &mut ChaCha8Rng, n: usize) -> Vec<ChaCha8Rng> {
         .collect()
 }
 
+/// `logits` divided by `temperature`: the distribution a sample at that
+/// temperature is drawn from, and the one its learner scores. Greedy (0)
+/// and 1 leave them as they are.
+pub fn temper(logits: &Tensor, temperature: f64) -> Tensor {
+    if temperature > 0.0 && temperature != 1.0 {
+        logits / temperature
+    } else {
+        logits.shallow_clone()
+    }
+}
+
 /// Picks one token per row of `logits` [B, V], row i drawing from `rngs[i]`
 /// and never a token `forbidden` [B, V] marks; returns the tokens and their
-/// log-probabilities under the unmodified distribution (the one a learner
-/// computes, so on-policy ratios are 1).
+/// log-probabilities at the sampling temperature before any filtering (the
+/// distribution a learner at that temperature computes, so on-policy
+/// ratios are 1).
 pub fn sample(
     logits: &Tensor,
     forbidden: Option<&Tensor>,
@@ -124,7 +138,7 @@ pub fn sample(
 ) -> (Vec<i64>, Vec<f32>) {
     let logits = logits.to_kind(Kind::Float);
     let (b, v) = (logits.size()[0], logits.size()[1]);
-    let logp = logits.log_softmax(-1, Kind::Float);
+    let logp = temper(&logits, params.temperature).log_softmax(-1, Kind::Float);
     let logits = match forbidden {
         Some(mask) => logits.masked_fill(mask, f64::NEG_INFINITY),
         None => logits,
@@ -132,7 +146,7 @@ pub fn sample(
     let next = if params.is_greedy() {
         logits.argmax(-1, false)
     } else {
-        let mut l = &logits / params.temperature;
+        let mut l = temper(&logits, params.temperature);
         if params.top_k > 0 && (params.top_k as i64) < v {
             let k = params.top_k as i64;
             let kth = l.topk(k, -1, true, true).0.narrow(1, k - 1, 1);

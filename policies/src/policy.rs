@@ -219,8 +219,20 @@ impl Policy {
     /// (REFERENCE 5: `log_softmax(logits[:, :-1])[labels[:, 1:]]`, prompt and
     /// padding masked by `completion` [B, T]).
     pub fn sequence_logprobs(&self, ids: &Tensor, mask: &Tensor, completion: &Tensor) -> Tensor {
+        self.tempered_sequence_logprobs(ids, mask, completion, 1.0)
+    }
+
+    /// [`Policy::sequence_logprobs`] of the distribution at `temperature`
+    /// (logits divided by it), the one samples at that temperature come from.
+    pub fn tempered_sequence_logprobs(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        completion: &Tensor,
+        temperature: f64,
+    ) -> Tensor {
         let t = ids.size()[1];
-        let logits = self.logits(ids, mask);
+        let logits = crate::generate::temper(&self.logits(ids, mask), temperature);
         let logp = logits.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
         let labels = ids.narrow(1, 1, t - 1).to_device(logp.device());
         let tok = logp.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1);

@@ -34,12 +34,14 @@ pub fn advantages(rewards: &[f32], kl: &[f32], beta: f64) -> Vec<f32> {
 }
 
 /// Σ over each completion's tokens of ℓ_old − ℓ_ref: `old` holds the
-/// sampling policy's log-prob of each token, `reference` scores them.
+/// sampling policy's log-prob of each token, `reference` scores them, both
+/// at the sampling `temperature`.
 pub fn sequence_kl(
     reference: &Policy,
     prompt: &[i64],
     completions: &[&[i64]],
     old: &[&[f32]],
+    temperature: f64,
 ) -> Result<Vec<f32>> {
     let seqs: Vec<Vec<i64>> = completions.iter().map(|c| [prompt, c].concat()).collect();
     let (ids, mask) = pad_right(&seqs, reference.tokenizer.pad_id());
@@ -52,10 +54,11 @@ pub fn sequence_kl(
     let completion = Tensor::from_slice(&marks).view([rows, width]);
     let device = reference.device();
     let ref_logp = tch::no_grad(|| {
-        reference.sequence_logprobs(
+        reference.tempered_sequence_logprobs(
             &ids.to_device(device),
             &mask.to_device(device),
             &completion.to_device(device),
+            temperature,
         )
     });
     let ref_logp = Vec::<f32>::try_from(&ref_logp.to_device(tch::Device::Cpu))?;
@@ -74,10 +77,12 @@ pub struct LeaveOneOut {
     pub template: PromptTemplate,
 }
 
-/// RLOO's KL penalty: its weight and the frozen initial model.
+/// RLOO's KL penalty: its weight, the frozen initial model, and the
+/// sampling temperature both log-probs are taken at.
 pub struct KlPenalty {
     pub beta: f64,
     pub references: Copies<Policy>,
+    pub temperature: f64,
 }
 
 impl Advantage for LeaveOneOut {
@@ -96,7 +101,7 @@ impl Advantage for LeaveOneOut {
             let reference = penalty.references.get()?;
             let completions: Vec<&[i64]> = group.iter().map(|t| t.tokens.as_slice()).collect();
             let old: Vec<&[f32]> = group.iter().map(|t| t.logprobs.as_slice()).collect();
-            let kl = sequence_kl(&reference, &prompt, &completions, &old)?;
+            let kl = sequence_kl(&reference, &prompt, &completions, &old, penalty.temperature)?;
             (kl, penalty.beta)
         } else {
             (Vec::new(), 0.0)

@@ -15,7 +15,7 @@ use crate::rollout::mcts::MctsConfig;
 use crate::rollout::meds3::{MctsRollout, StepGeneration};
 use crate::rollout::sampling::{Sampler, SamplingConfig};
 use crate::runtime::{LearnerConfig, Rollout, RuntimeConfig};
-use crate::train::grpo::{GrpoConfig, GrpoObjective};
+use crate::train::grpo::{GrpoConfig, GrpoObjective, Sampled};
 use anyhow::{Context, Result, bail};
 use medzero_policies::Policy;
 use medzero_rewards::Prm;
@@ -140,16 +140,25 @@ impl Stage for GrpoStage {
         let reference = (self.grpo.beta > 0.0)
             .then(|| Policy::load(&init.dir, ctx.run.device, None))
             .transpose()?;
-        let max_completion = match self.advantage {
-            AdvantageKind::Mcts => self.generation.rollout_max_tokens,
-            _ => self.sampling.max_new_tokens,
+        // A tree's leaves come from steps expanded at the search's
+        // temperature; they carry no log-probs, so only the gradient's
+        // distribution depends on it.
+        let sampled = match self.advantage {
+            AdvantageKind::Mcts => Sampled {
+                max_completion: self.generation.rollout_max_tokens,
+                temperature: self.generation.temperature,
+            },
+            _ => Sampled {
+                max_completion: self.sampling.max_new_tokens,
+                temperature: self.sampling.temperature,
+            },
         };
         let mut objective = GrpoObjective::new(
             &policy,
             problems,
             ctx.run.template.clone(),
             self.grpo.clone(),
-            max_completion,
+            sampled,
             reference,
         )?;
         let advantage: Box<dyn Advantage> = match self.advantage {

@@ -117,6 +117,7 @@ impl Stage for RejectionSamplingStage {
             self.min_reward,
             self.importance_clip,
             self.max_len,
+            self.sampling.temperature,
         )?;
         let judge = judge(ctx, self.reward)?;
         let reward: Box<dyn Reward + '_> = match self.accept {

@@ -89,6 +89,7 @@ impl Stage for RlooStage {
             problems,
             ctx.run.template.clone(),
             self.rloo.clone(),
+            self.sampling.temperature,
         )?;
         let kl = (self.rloo.beta > 0.0)
             .then(|| {
@@ -97,6 +98,7 @@ impl Stage for RlooStage {
                     references: Copies::load(self.runtime.actors, || {
                         Ok(Policy::load(&init.dir, ctx.run.device, None)?)
                     })?,
+                    temperature: self.sampling.temperature,
                 })
             })
             .transpose()?;

@@ -12,8 +12,10 @@
 //! token's advantage (computed from its group when it was sampled,
 //! [`crate::rollout::advantage`]) and ℓ_old the log-prob under the policy that
 //! sampled it; without recorded log-probs, ℓ_old = stop-gradient(ℓ) (TRL's
-//! on-policy step: ρ = 1 in value, ∇ℓ in gradient). Log-probs are of the
-//! model's own distribution (temperature 1), those the actors record.
+//! on-policy step: ρ = 1 in value, ∇ℓ in gradient). Log-probs, the
+//! reference's and the entropy are of the distribution at the sampling
+//! temperature (logits divided by it), as TRL computes them and as the
+//! actors record them, so samples at temperature 0.7 are on-policy.
 //! KL is the k3 estimate exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1 to a frozen
 //! reference, times ρ when `use_bias_correction_kl` (TRL's default:
 //! DeepSeek-V3.2's unbiased reverse-KL gradient).
@@ -23,7 +25,7 @@ use crate::train::sft::encode_prompts;
 use anyhow::{Result, bail};
 use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
-use medzero_policies::generate::pad_right_to;
+use medzero_policies::generate::{pad_right_to, temper};
 use medzero_policies::tokenizer::PromptTemplate;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -161,7 +163,7 @@ pub(crate) struct Scored {
     pub entropy_sum: f64,
 }
 
-pub(crate) fn score(policy: &Policy, batch: &[Sample]) -> Result<Scored> {
+pub(crate) fn score(policy: &Policy, batch: &[Sample], temperature: f64) -> Result<Scored> {
     if batch.is_empty() {
         bail!("policy gradient: an empty batch");
     }
@@ -208,7 +210,7 @@ pub(crate) fn score(policy: &Policy, batch: &[Sample]) -> Result<Scored> {
     let grid = |v: &[f32]| Tensor::from_slice(v).view([rows, width]).to_device(device);
     let [m, known, recorded, adv] = grids.map(|g| grid(&g));
     let (ids, mask) = (ids.to_device(device), mask.to_device(device));
-    let logits = policy.logits(&ids, &mask).narrow(1, 0, width);
+    let logits = temper(&policy.logits(&ids, &mask).narrow(1, 0, width), temperature);
     let log_probs = logits.log_softmax(-1, Kind::Float);
     let labels = ids.narrow(1, 1, width);
     let logp = log_probs
@@ -230,16 +232,35 @@ pub(crate) fn score(policy: &Policy, batch: &[Sample]) -> Result<Scored> {
     })
 }
 
-/// ℓ_ref of every position of `s`'s grid under the frozen `reference`.
-pub(crate) fn reference_logp(reference: &Policy, s: &Scored) -> Tensor {
+/// ℓ_ref of every position of `s`'s grid under the frozen `reference`, at
+/// `temperature`.
+pub(crate) fn reference_logp(reference: &Policy, s: &Scored, temperature: f64) -> Tensor {
     tch::no_grad(|| {
-        -crate::train::sft::token_nll(
-            reference,
-            &s.ids.to_device(reference.device()),
-            &s.mask.to_device(reference.device()),
-        )
-        .to_device(s.logp.device())
+        let (ids, mask) = (
+            s.ids.to_device(reference.device()),
+            s.mask.to_device(reference.device()),
+        );
+        let width = ids.size()[1] - 1;
+        let logits = temper(
+            &reference.logits(&ids, &mask).narrow(1, 0, width),
+            temperature,
+        );
+        logits
+            .log_softmax(-1, Kind::Float)
+            .gather(2, &ids.narrow(1, 1, width).unsqueeze(-1), false)
+            .squeeze_dim(-1)
+            .to_device(s.logp.device())
     })
+}
+
+/// How the completions were sampled, as the loss needs it: the generation
+/// budget (Dr. GRPO's normaliser, TRL's `max_completion_length`) and the
+/// temperature whose distribution the log-probs are of (TRL's
+/// `temperature`, dividing the logits of policy and reference alike).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    pub max_completion: usize,
+    pub temperature: f64,
 }
 
 /// The loss of a batch and what TRL logs beside it.
@@ -256,24 +277,16 @@ pub struct GrpoLoss {
     pub entropy: f64,
 }
 
-/// The GRPO loss of `batch`; `max_completion` is Dr. GRPO's normaliser (the
-/// generation budget, TRL's `max_completion_length`); `reference` is needed
-/// when `cfg.beta` > 0.
+/// The GRPO loss of `batch`, whose completions were `sampled` so;
+/// `reference` is needed when `cfg.beta` > 0.
 pub fn loss(
     policy: &Policy,
     reference: Option<&Policy>,
     batch: &[Sample],
     cfg: &GrpoConfig,
-    max_completion: usize,
+    sampled: Sampled,
 ) -> Result<GrpoLoss> {
-    shard_loss(
-        policy,
-        reference,
-        batch,
-        0..batch.len(),
-        cfg,
-        max_completion,
-    )
+    shard_loss(policy, reference, batch, 0..batch.len(), cfg, sampled)
 }
 
 /// The share of [`loss`] of `batch` that `batch[shard]` carries: its terms
@@ -285,7 +298,7 @@ pub fn shard_loss(
     batch: &[Sample],
     shard: Range<usize>,
     cfg: &GrpoConfig,
-    max_completion: usize,
+    sampled: Sampled,
 ) -> Result<GrpoLoss> {
     let rows = batch.len() as f64;
     let trained: usize = batch
@@ -295,7 +308,7 @@ pub fn shard_loss(
         .sum();
     let tokens = trained.max(1) as f64;
     let part = &batch[shard];
-    let s = score(policy, part)?;
+    let s = score(policy, part, sampled.temperature)?;
     let (m, adv) = (&s.m, &s.adv);
     let log_ratio = &s.logp - &s.old_logp;
     let log_w = match cfg.importance_sampling_level {
@@ -315,7 +328,7 @@ pub fn shard_loss(
         let Some(reference) = reference else {
             bail!("grpo: beta = {} needs a reference model", cfg.beta);
         };
-        let d = reference_logp(reference, &s) - &s.logp;
+        let d = reference_logp(reference, &s, sampled.temperature) - &s.logp;
         let k3 = d.exp() - &d - 1.0;
         let kl = if cfg.use_bias_correction_kl {
             k3 * &ratio
@@ -335,7 +348,7 @@ pub fn shard_loss(
             per_seq.sum(Kind::Float) / rows
         }
         LossType::Bnpo | LossType::Dapo => masked.sum(Kind::Float) / tokens,
-        LossType::DrGrpo => masked.sum(Kind::Float) / (rows * max_completion as f64),
+        LossType::DrGrpo => masked.sum(Kind::Float) / (rows * sampled.max_completion as f64),
     };
     let ratio = ratio.detach();
     let low = ratio.lt(lo).logical_and(&adv.lt(0.0)).to_kind(Kind::Float);
@@ -360,10 +373,10 @@ pub struct GrpoObjective {
     pub cfg: GrpoConfig,
     /// Encoded prompt of each problem, by problem id.
     pub prompts: HashMap<String, Vec<i64>>,
-    pub max_completion: usize,
+    pub sampled: Sampled,
     /// The frozen initial model of the KL term (with `beta` > 0).
     pub reference: Option<Policy>,
-    /// A completion not ending with it was cut at `max_completion`.
+    /// A completion not ending with it was cut at `sampled.max_completion`.
     pub end_of_turn: i64,
 }
 
@@ -373,7 +386,7 @@ impl GrpoObjective {
         problems: &[Problem],
         template: PromptTemplate,
         cfg: GrpoConfig,
-        max_completion: usize,
+        sampled: Sampled,
         reference: Option<Policy>,
     ) -> Result<GrpoObjective> {
         if cfg.beta > 0.0 && reference.is_none() {
@@ -382,7 +395,7 @@ impl GrpoObjective {
         Ok(GrpoObjective {
             cfg,
             prompts: encode_prompts(policy, problems, &template)?,
-            max_completion,
+            sampled,
             reference,
             end_of_turn: policy.tokenizer.end_of_turn_id(&template),
         })
@@ -497,7 +510,7 @@ impl Objective for GrpoObjective {
             &samples,
             shard.clone(),
             &self.cfg,
-            self.max_completion,
+            self.sampled,
         )?;
         let tokens = samples[shard.clone()]
             .iter()

@@ -70,8 +70,15 @@ pub struct RlooLoss {
     pub entropy: f64,
 }
 
-pub fn loss(policy: &Policy, batch: &[Sample], cfg: &RlooConfig) -> Result<RlooLoss> {
-    shard_loss(policy, batch, 0..batch.len(), cfg)
+/// The RLOO loss of `batch`, whose log-probs are of the distribution at
+/// `temperature` (TRL's `temperature`, as in GRPO).
+pub fn loss(
+    policy: &Policy,
+    batch: &[Sample],
+    cfg: &RlooConfig,
+    temperature: f64,
+) -> Result<RlooLoss> {
+    shard_loss(policy, batch, 0..batch.len(), cfg, temperature)
 }
 
 /// The share of [`loss`] of `batch` that `batch[shard]` carries: its terms
@@ -82,6 +89,7 @@ pub fn shard_loss(
     batch: &[Sample],
     shard: Range<usize>,
     cfg: &RlooConfig,
+    temperature: f64,
 ) -> Result<RlooLoss> {
     let rows = batch.len() as f64;
     let tokens = batch
@@ -89,7 +97,7 @@ pub fn shard_loss(
         .map(|s| s.completion.len())
         .sum::<usize>()
         .max(1) as f64;
-    let s = score(policy, &batch[shard])?;
+    let s = score(policy, &batch[shard], temperature)?;
     let seq = |x: &Tensor| (x * &s.m).sum_dim_intlist(1, false, Kind::Float);
     let ratio = (seq(&s.logp) - seq(&s.old_logp)).exp();
     // The completion's advantage: its tokens share it.
@@ -119,6 +127,8 @@ pub struct RlooObjective {
     pub cfg: RlooConfig,
     pub prompts: HashMap<String, Vec<i64>>,
     pub end_of_turn: i64,
+    /// The sampling temperature, whose distribution the log-probs are of.
+    pub temperature: f64,
 }
 
 impl RlooObjective {
@@ -127,11 +137,13 @@ impl RlooObjective {
         problems: &[Problem],
         template: PromptTemplate,
         cfg: RlooConfig,
+        temperature: f64,
     ) -> Result<RlooObjective> {
         Ok(RlooObjective {
             cfg,
             prompts: encode_prompts(policy, problems, &template)?,
             end_of_turn: policy.tokenizer.end_of_turn_id(&template),
+            temperature,
         })
     }
 }
@@ -166,7 +178,7 @@ impl Objective for RlooObjective {
         for (s, a) in samples.iter_mut().zip(&standardised) {
             s.advantages = a;
         }
-        let out = shard_loss(policy, &samples, shard.clone(), &self.cfg)?;
+        let out = shard_loss(policy, &samples, shard.clone(), &self.cfg, self.temperature)?;
         let tokens = samples[shard.clone()]
             .iter()
             .map(|s| (s.prompt.len() + s.completion.len()) as u64)

@@ -7,7 +7,7 @@
 use crate::train::{BatchLoss, MicroLoss, TrainConfig, TrainReport, TrainRun};
 use anyhow::{Result, bail};
 use medzero_policies::Policy;
-use medzero_policies::generate::pad_right_to;
+use medzero_policies::generate::{pad_right_to, temper};
 use medzero_policies::tokenizer::PromptTemplate;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -164,8 +164,12 @@ pub fn completion_nll_sum(
 
 /// -log p(ids[:, t+1] | ids[:, ..=t]) for every position: [B, T-1].
 pub fn token_nll(policy: &Policy, ids: &Tensor, mask: &Tensor) -> Tensor {
+    logits_nll(&policy.logits(ids, mask), ids)
+}
+
+/// [`token_nll`] from the logits [B, T, V] of `ids`.
+fn logits_nll(logits: &Tensor, ids: &Tensor) -> Tensor {
     let t = ids.size()[1];
-    let logits = policy.logits(ids, mask);
     let logp = logits.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
     let labels = ids.narrow(1, 1, t - 1).to_device(logp.device());
     -logp.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1)
@@ -187,7 +191,9 @@ fn shifted_targets(targets: &Tensor, device: tch::Device) -> Tensor {
 /// ended with the template's end of turn. With `importance_clip` > 0 each
 /// token's loss is weighted by the truncated ratio
 /// min(p_learner / p_actor, importance_clip), which corrects for the policy
-/// lag of asynchronous actors (IMPALA's truncated importance sampling).
+/// lag of asynchronous actors (IMPALA's truncated importance sampling);
+/// both probabilities are of the distribution at the sampling temperature,
+/// the one the actors record.
 pub struct TrajectorySft {
     /// Encoded prompt of each problem, by problem id.
     pub prompts: std::collections::HashMap<String, Vec<i64>>,
@@ -195,6 +201,7 @@ pub struct TrajectorySft {
     pub importance_clip: f64,
     pub max_len: usize,
     pub template: PromptTemplate,
+    pub temperature: f64,
 }
 
 impl TrajectorySft {
@@ -206,6 +213,7 @@ impl TrajectorySft {
         min_reward: f32,
         importance_clip: f64,
         max_len: usize,
+        temperature: f64,
     ) -> Result<TrajectorySft> {
         Ok(TrajectorySft {
             prompts: encode_prompts(policy, problems, &template)?,
@@ -213,6 +221,7 @@ impl TrajectorySft {
             importance_clip,
             max_len,
             template,
+            temperature,
         })
     }
 }
@@ -304,11 +313,14 @@ impl crate::runtime::learner::Objective for TrajectorySft {
                 .to_device(device)
         };
         let (beh, known) = (column(|b| b.0), column(|b| b.1));
-        let nll = token_nll(policy, &ids.to_device(device), &mask.to_device(device));
+        let ids = ids.to_device(device);
+        let logits = policy.logits(&ids, &mask.to_device(device));
+        let nll = logits_nll(&logits, &ids);
         let m = shifted_targets(&targets, device);
         let mine = m.sum(Kind::Float).double_value(&[]);
         let (weights, weight_share) = if self.importance_clip > 0.0 {
-            let measured: Tensor = (-nll.detach() - &beh).exp() * &known;
+            let tempered = tch::no_grad(|| logits_nll(&temper(&logits, self.temperature), &ids));
+            let measured: Tensor = (-tempered - &beh).exp() * &known;
             let ratio = (measured - &known + 1.0).clamp_max(self.importance_clip);
             let w = &ratio * &m;
             let share = w.sum(Kind::Float).double_value(&[]) / n_targets;

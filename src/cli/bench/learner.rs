@@ -210,7 +210,11 @@ impl<'p> LearnerStep<'p> {
                         masked: false,
                     })
                     .collect();
-                grpo::loss(policy, None, &batch, cfg, *half)?.loss
+                let sampled = grpo::Sampled {
+                    max_completion: *half,
+                    temperature: 1.0,
+                };
+                grpo::loss(policy, None, &batch, cfg, sampled)?.loss
             }
         };
         loss.backward();

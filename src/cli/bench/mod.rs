@@ -625,6 +625,7 @@ impl OnlineBench<'_> {
             0.0,
             0.0,
             512,
+            1.0,
         )?;
         self.run_placed(
             name,
@@ -768,7 +769,7 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
     use crate::rollout::grpo::GroupSampler;
     use crate::rollout::sampling::{Sampler, SamplingConfig};
     use crate::runtime::Mode;
-    use crate::train::grpo::{GrpoConfig, GrpoObjective};
+    use crate::train::grpo::{GrpoConfig, GrpoObjective, Sampled};
     use medzero_policies::tokenizer::PromptTemplate;
 
     let root = std::env::temp_dir().join(format!("medzero-bench-{}", std::process::id()));
@@ -826,7 +827,10 @@ fn runtime_rows(policy: &Policy, world: &SynthClinic, cfg: &BenchConfig) -> Resu
             problems,
             template.clone(),
             GrpoConfig::default(),
-            32,
+            Sampled {
+                max_completion: 32,
+                temperature: group.sampler.cfg.temperature,
+            },
             None,
         )?;
         let (secs, report) = bench.run_placed(
