@@ -114,11 +114,16 @@ pub fn streams(rng: &mut ChaCha8Rng, n: usize) -> Vec<ChaCha8Rng> {
         .collect()
 }
 
+/// Whether [`temper`] changes logits at `temperature` (not greedy, not 1).
+pub fn tempers(temperature: f64) -> bool {
+    temperature > 0.0 && temperature != 1.0
+}
+
 /// `logits` divided by `temperature`: the distribution a sample at that
 /// temperature is drawn from, and the one its learner scores. Greedy (0)
 /// and 1 leave them as they are.
 pub fn temper(logits: &Tensor, temperature: f64) -> Tensor {
-    if temperature > 0.0 && temperature != 1.0 {
+    if tempers(temperature) {
         logits / temperature
     } else {
         logits.shallow_clone()

@@ -65,15 +65,15 @@ pub fn collect(c: Collect) -> Result<(Vec<Trajectory>, OnlineReport)> {
     })?;
     // Rank 0 keeps the store; every rank of a distributed run goes on with
     // what it holds (the later stages run on each of them).
-    let stored = match medzero_dist::world() {
-        Some(g) => {
-            let mine = match g.rank() {
-                0 => read_trajectories(&c.dir.join(STORE_FILE), false)?,
-                _ => Vec::new(),
-            };
-            parallel::broadcast_json(g, &mine)?
-        }
-        None => read_trajectories(&c.dir.join(STORE_FILE), false)?,
+    let group = medzero_dist::world();
+    let stored = if group.is_some_and(|g| g.rank() > 0) {
+        Vec::new()
+    } else {
+        read_trajectories(&c.dir.join(STORE_FILE), false)?
+    };
+    let stored = match group {
+        Some(g) => parallel::broadcast_json(g, &stored)?,
+        None => stored,
     };
     Ok((stored, report))
 }

@@ -334,18 +334,7 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     };
     if let Some(g) = dp {
         start.state = parallel::start_from_rank0(g, &mut opt, start.state)?;
-        let rest = (
-            start.counters,
-            start.resumed_from,
-            start.pending,
-            start.todo,
-        );
-        (
-            start.counters,
-            start.resumed_from,
-            start.pending,
-            start.todo,
-        ) = parallel::broadcast_json(g, &rest)?;
+        start = parallel::broadcast_json(g, &start)?;
     }
     let Start {
         state,
@@ -418,11 +407,7 @@ pub fn run(s: Online) -> Result<OnlineReport> {
     };
     learner.elapsed_before = learner.state.elapsed_s;
     learner.panics_before = learner.counters.panics;
-    learner.accepted_pending = learner
-        .pending
-        .iter()
-        .filter(|t| learner.objective.accepts(t))
-        .count();
+    learner.count_accepted();
 
     let served = s.runtime.placement == Placement::Shared;
     if served && !s.rollout.servable() {
@@ -556,7 +541,7 @@ pub fn run(s: Online) -> Result<OnlineReport> {
 }
 
 /// Where an online stage starts: rank 0's record of earlier runs.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 struct Start {
     state: TrainerState,
     counters: Counters,
@@ -827,9 +812,7 @@ impl Learner<'_> {
         let Some(g) = self.group else {
             return Ok(());
         };
-        self.count_panics();
-        let panics_here = self.counters.panics - self.panics_before - self.panics_elsewhere;
-        let mine = (std::mem::take(&mut self.round), panics_here);
+        let mine = (std::mem::take(&mut self.round), self.local_panics());
         let (counters, pending, finished, panics) =
             parallel::exchange_json(g, mine, |all: Vec<(Vec<ActorMsg>, u64)>| {
                 let panics: Vec<u64> = all.iter().map(|(_, p)| *p).collect();
@@ -852,13 +835,17 @@ impl Learner<'_> {
         self.counters = counters;
         self.pending = pending;
         self.monitor.finished = finished;
+        self.count_accepted();
+        self.count_panics();
+        Ok(())
+    }
+
+    fn count_accepted(&mut self) {
         self.accepted_pending = self
             .pending
             .iter()
             .filter(|t| self.objective.accepts(t))
             .count();
-        self.count_panics();
-        Ok(())
     }
 
     /// Trains on a complete round in problem order, publishes and checkpoints.
@@ -1003,13 +990,15 @@ impl Learner<'_> {
     }
 
     fn count_panics(&mut self) {
-        self.counters.panics = self.panics_before
-            + self.panics_elsewhere
-            + self
-                .stats
-                .iter()
-                .map(|s| s.panics.load(Ordering::Relaxed))
-                .sum::<u64>();
+        self.counters.panics = self.panics_before + self.panics_elsewhere + self.local_panics();
+    }
+
+    /// Panics of this process's actors in this run.
+    fn local_panics(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| s.panics.load(Ordering::Relaxed))
+            .sum()
     }
 
     fn checkpoint(&mut self) -> Result<()> {

@@ -21,7 +21,7 @@
 //! DeepSeek-V3.2's unbiased reverse-KL gradient).
 
 use crate::runtime::learner::{Objective, ObjectiveLoss};
-use crate::train::sft::encode_prompts;
+use crate::train::sft::{encode_prompts, logits_nll};
 use anyhow::{Result, bail};
 use medzero_envs::{Problem, Trajectory};
 use medzero_policies::Policy;
@@ -240,16 +240,8 @@ pub(crate) fn reference_logp(reference: &Policy, s: &Scored, temperature: f64) -
             s.ids.to_device(reference.device()),
             s.mask.to_device(reference.device()),
         );
-        let width = ids.size()[1] - 1;
-        let logits = temper(
-            &reference.logits(&ids, &mask).narrow(1, 0, width),
-            temperature,
-        );
-        logits
-            .log_softmax(-1, Kind::Float)
-            .gather(2, &ids.narrow(1, 1, width).unsqueeze(-1), false)
-            .squeeze_dim(-1)
-            .to_device(s.logp.device())
+        let logits = temper(&reference.logits(&ids, &mask), temperature);
+        (-logits_nll(&logits, &ids)).to_device(s.logp.device())
     })
 }
 

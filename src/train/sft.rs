@@ -7,7 +7,7 @@
 use crate::train::{BatchLoss, MicroLoss, TrainConfig, TrainReport, TrainRun};
 use anyhow::{Result, bail};
 use medzero_policies::Policy;
-use medzero_policies::generate::{pad_right_to, temper};
+use medzero_policies::generate::{pad_right_to, temper, tempers};
 use medzero_policies::tokenizer::PromptTemplate;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -168,7 +168,7 @@ pub fn token_nll(policy: &Policy, ids: &Tensor, mask: &Tensor) -> Tensor {
 }
 
 /// [`token_nll`] from the logits [B, T, V] of `ids`.
-fn logits_nll(logits: &Tensor, ids: &Tensor) -> Tensor {
+pub(crate) fn logits_nll(logits: &Tensor, ids: &Tensor) -> Tensor {
     let t = ids.size()[1];
     let logp = logits.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
     let labels = ids.narrow(1, 1, t - 1).to_device(logp.device());
@@ -319,7 +319,11 @@ impl crate::runtime::learner::Objective for TrajectorySft {
         let m = shifted_targets(&targets, device);
         let mine = m.sum(Kind::Float).double_value(&[]);
         let (weights, weight_share) = if self.importance_clip > 0.0 {
-            let tempered = tch::no_grad(|| logits_nll(&temper(&logits, self.temperature), &ids));
+            let tempered = if tempers(self.temperature) {
+                tch::no_grad(|| logits_nll(&temper(&logits, self.temperature), &ids))
+            } else {
+                nll.detach()
+            };
             let measured: Tensor = (-tempered - &beh).exp() * &known;
             let ratio = (measured - &known + 1.0).clamp_max(self.importance_clip);
             let w = &ratio * &m;
